@@ -1,0 +1,187 @@
+"""The one small interface every inverse-curvature estimate offers.
+
+An estimate stands for a symmetric positive definite ``F⁻¹`` (d × d) that is block-diagonal with
+known blocks. Pruning asks it only for :meth:`~InverseCurvature.diag`,
+:meth:`~InverseCurvature.mul`, :meth:`~InverseCurvature.columns` and
+:meth:`~InverseCurvature.constrained_min`. Subclasses implement ``_matmat``; the rest has
+generic defaults that subclasses override where they can do better (a test asserts that each
+override equals the default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def make_blocks(sizes: Sequence[int], block_size: int | None) -> tuple[tuple[int, int], ...]:
+    """Cut a vector made of layers of ``sizes`` into blocks that never cross a layer.
+
+    Args:
+        sizes: Number of entries of each layer, in order.
+        block_size: Entries per block; the last block of a layer may be shorter.
+            ``None`` means one block over the whole vector (the full matrix).
+
+    Returns:
+        ``(start, stop)`` of every block, in order, covering ``[0, sum(sizes))``.
+
+    Raises:
+        ValueError: If ``block_size < 1`` or a size is negative.
+
+    Example:
+        >>> make_blocks([5, 3], 2)
+        ((0, 2), (2, 4), (4, 5), (5, 7), (7, 8))
+        >>> make_blocks([5, 3], None)
+        ((0, 8),)
+    """
+    if any(s < 0 for s in sizes):
+        raise ValueError(f"layer sizes must be >= 0, got {list(sizes)}")
+    d = sum(sizes)
+    if block_size is None:
+        return ((0, d),) if d else ()
+    if isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
+    out, start = [], 0
+    for s in sizes:
+        for b in range(start, start + s, block_size):
+            out.append((b, min(b + block_size, start + s)))
+        start += s
+    return tuple(out)
+
+
+class InverseCurvature:
+    """A block-diagonal inverse curvature ``F⁻¹`` of a length-``d`` parameter vector.
+
+    Attributes:
+        d: Length of the parameter vector.
+        blocks: ``(start, stop)`` of each diagonal block, in order, covering ``[0, d)``.
+        dtype: Floating point type of the results.
+        device: Device of the results.
+    """
+
+    d: int
+    blocks: tuple[tuple[int, int], ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        """``F⁻¹ V`` for ``V`` of shape (d, k). The only method a subclass must provide."""
+        raise NotImplementedError
+
+    # -- public queries ------------------------------------------------------------------
+    def mul(self, v: Tensor) -> Tensor:
+        """The inverse-curvature-vector product ``F⁻¹ v``.
+
+        Args:
+            v: Shape (d,) or (d, k).
+
+        Returns:
+            A tensor of the shape of ``v``.
+
+        Raises:
+            ValueError: If ``v`` is not of shape (d,) or (d, k).
+        """
+        if v.ndim not in (1, 2) or v.shape[0] != self.d:
+            raise ValueError(f"expected v of shape ({self.d},) or ({self.d}, k), got {tuple(v.shape)}")
+        V = v.to(self.dtype).reshape(self.d, -1)
+        return self._matmat(V).reshape(v.shape)
+
+    def columns(self, idx: Tensor) -> Tensor:
+        """Columns ``F⁻¹[:, idx]``.
+
+        Returns:
+            A (d, len(idx)) tensor.
+        """
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.device).reshape(-1)
+        E = torch.zeros(self.d, idx.numel(), dtype=self.dtype, device=self.device)
+        E[idx, torch.arange(idx.numel(), device=self.device)] = 1
+        return self._matmat(E)
+
+    def diag(self) -> Tensor:
+        """The diagonal of ``F⁻¹`` (what OBS saliencies need).
+
+        Returns:
+            A (d,) tensor.
+        """
+        out = torch.empty(self.d, dtype=self.dtype, device=self.device)
+        chunk = 256
+        for s in range(0, self.d, chunk):
+            idx = torch.arange(s, min(s + chunk, self.d), device=self.device)
+            out[idx] = self.columns(idx)[idx, torch.arange(idx.numel(), device=self.device)]
+        return out
+
+    def block(self, b: int) -> Tensor:
+        """The dense inverse of diagonal block ``b``.
+
+        Returns:
+            A (B, B) tensor, ``B = stop - start`` of that block.
+        """
+        start, stop = self.blocks[b]
+        return self.columns(torch.arange(start, stop, device=self.device))[start:stop]
+
+    def constrained_min(self, fixed: Tensor, values: Tensor, linear: Tensor | None = None) -> Tensor:
+        """Minimise ``gᵀδ + ½ δᵀ F δ`` subject to ``δ[fixed] = values[fixed]``.
+
+        With ``g = 0`` and ``values = -w`` this is the joint Optimal Brain Surgeon step for the
+        set ``fixed``: ``δ = -F⁻¹[:, Q] (F⁻¹[Q, Q])⁻¹ w_Q``. Blocks are independent, so it is
+        solved block by block; a block with no fixed entry moves by ``-F⁻¹ g`` only.
+
+        Args:
+            fixed: (d,) bool, the constrained entries ``Q``.
+            values: (d,) the values ``δ`` must take on ``Q`` (other entries are ignored).
+            linear: (d,) the linear term ``g``, or None for zero.
+
+        Returns:
+            The minimiser ``δ`` of shape (d,); ``δ[fixed] == values[fixed]`` exactly.
+
+        Raises:
+            ValueError: If the shapes are not (d,).
+        """
+        for name, t in (("fixed", fixed), ("values", values), ("linear", linear)):
+            if t is not None and tuple(t.shape) != (self.d,):
+                raise ValueError(f"{name} must have shape ({self.d},), got {tuple(t.shape)}")
+        fixed = fixed.to(torch.bool)
+        values = values.to(self.dtype)
+        free = -self.mul(linear) if linear is not None else torch.zeros_like(values)
+        out = free.clone()
+        for b, (start, stop) in enumerate(self.blocks):
+            q = fixed[start:stop]
+            if not q.any():
+                continue
+            Hinv = self.block(b)
+            cols = Hinv[:, q]
+            gap = values[start:stop][q] - free[start:stop][q]
+            out[start:stop] = free[start:stop] + cols @ torch.linalg.solve(cols[q], gap)
+        out[fixed] = values[fixed]
+        return out
+
+
+class DenseInverse(InverseCurvature):
+    """``F⁻¹`` from a dense matrix ``F`` (the oracle in tests; small ``d`` only).
+
+    Args:
+        F: A (d, d) symmetric positive definite matrix.
+        blocks: Diagonal blocks to keep (entries outside them are dropped), default one block.
+
+    Example:
+        >>> inv = DenseInverse(torch.diag(torch.tensor([2.0, 4.0], dtype=torch.float64)))
+        >>> inv.diag()
+        tensor([0.5000, 0.2500], dtype=torch.float64)
+    """
+
+    def __init__(self, F: Tensor, blocks: Sequence[tuple[int, int]] | None = None):
+        if F.ndim != 2 or F.shape[0] != F.shape[1]:
+            raise ValueError(f"F must be square, got shape {tuple(F.shape)}")
+        self.d = F.shape[0]
+        self.blocks = tuple(blocks) if blocks is not None else ((0, self.d),)
+        self.dtype, self.device = F.dtype, F.device
+        masked = torch.zeros_like(F)
+        for start, stop in self.blocks:
+            masked[start:stop, start:stop] = F[start:stop, start:stop]
+        self.F = masked
+        self.inverse = torch.linalg.inv(masked)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self.inverse @ V
