@@ -1,0 +1,79 @@
+"""When to prune and to what sparsity: the polynomial schedule of gradual pruning.
+
+Zhu & Gupta's cubic schedule, used by the WoodFisher paper for its gradual experiments:
+
+.. math::
+    s_t = s_f + (s_i - s_f)\\left(1 - \\frac{t - t_0}{t_1 - t_0}\\right)^3
+
+for pruning steps ``t = t_0, t_0 + Δ, …, t_1``: large steps early, while the network has many
+redundant weights, and small ones near the end.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def polynomial_sparsity(t: float, initial: float, final: float, start: float, end: float) -> float:
+    """The target sparsity at time ``t`` (epochs or steps).
+
+    Args:
+        t: Current time.
+        initial: Sparsity at ``start``.
+        final: Sparsity from ``end`` on.
+        start: Time of the first pruning step.
+        end: Time of the last pruning step.
+
+    Returns:
+        ``initial`` before ``start``, ``final`` after ``end``, the cubic in between.
+
+    Example:
+        >>> polynomial_sparsity(0, 0.5, 0.9, 0, 4), polynomial_sparsity(4, 0.5, 0.9, 0, 4)
+        (0.5, 0.9)
+        >>> round(polynomial_sparsity(2, 0.5, 0.9, 0, 4), 4)
+        0.85
+    """
+    if end <= start or t >= end:
+        return final if t >= start else initial
+    if t <= start:
+        return initial
+    frac = (t - start) / (end - start)
+    return final + (initial - final) * (1.0 - frac) ** 3
+
+
+def pruning_steps(
+    initial: float, final: float, start: int, end: int, every: int
+) -> dict[int, float]:
+    """The pruning events of a gradual run: time → target sparsity.
+
+    Args:
+        initial: Sparsity of the first pruning step.
+        final: Sparsity of the last pruning step.
+        start: Time (epoch) of the first step.
+        end: Time of the last step (included; ``end`` is a step even if ``every`` skips it).
+        every: Time between steps.
+
+    Returns:
+        Ordered mapping from the time of each step to its target sparsity.
+
+    Raises:
+        ValueError: If the sparsities are outside [0, 1), ``final < initial``, ``every < 1`` or
+            ``end < start``.
+
+    Example:
+        >>> pruning_steps(0.5, 0.9, 0, 4, 2)
+        {0: 0.5, 2: 0.85, 4: 0.9}
+    """
+    for name, s in (("initial", initial), ("final", final)):
+        if not (0.0 <= s < 1.0) or math.isnan(s):
+            raise ValueError(f"{name} sparsity must be in [0, 1), got {s}")
+    if final < initial:
+        raise ValueError(f"final sparsity {final} is below the initial sparsity {initial}")
+    if every < 1:
+        raise ValueError(f"prune_every must be >= 1, got {every}")
+    if end < start:
+        raise ValueError(f"the last pruning epoch ({end}) is before the first ({start})")
+    times = list(range(start, end + 1, every))
+    if times[-1] != end:
+        times.append(end)
+    return {t: polynomial_sparsity(t, initial, final, start, end) for t in times}
