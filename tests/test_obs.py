@@ -86,7 +86,9 @@ def test_joint_with_one_weight_is_independent(case):
     F, w, g = case
     inv = DenseInverse(F)
     for q in range(D):
-        torch.testing.assert_close(joint_update(w, onehot(q), inv), independent_update(w, onehot(q), inv))
+        torch.testing.assert_close(
+            joint_update(w, onehot(q), inv), independent_update(w, onehot(q), inv)
+        )
         torch.testing.assert_close(
             joint_update(w, onehot(q), inv, g), independent_update(w, onehot(q), inv, g)
         )
