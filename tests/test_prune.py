@@ -186,6 +186,7 @@ BAD = [
         "not finite",
     ),
     ({"data": []}, "empty"),
+    ({"data": iter(batches())}, "re-iterable"),
 ]
 
 

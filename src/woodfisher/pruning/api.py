@@ -145,12 +145,18 @@ def check_data(model: nn.Module, data: Iterable, loss_fn: Callable | None = None
         The loss of the first batch.
 
     Raises:
-        ValueError: If data is empty or not batches of pairs, the forward or loss fails (the
-            message names the shapes), or the loss is not finite.
+        ValueError: If data is empty, a one-shot iterator or not batches of pairs, the
+            forward or loss fails (the message names the shapes), or the loss is not finite.
     """
     loss_fn = loss_fn or F.cross_entropy
     try:
         it = iter(data)
+        if it is data:
+            # Gradients, checks and damp search each read data from the start.
+            raise ValueError(
+                "data must be re-iterable (a list or a DataLoader), not a one-shot iterator "
+                f"({type(data).__name__})"
+            )
     except TypeError as err:
         raise ValueError(
             f"data must be an iterable of (inputs, targets) batches, got {type(data).__name__}"
