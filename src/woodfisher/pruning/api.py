@@ -1,0 +1,660 @@
+"""``prune()``: one-shot (or k-step) pruning of a model in place, with a JSON-able report.
+
+Data flows one way: data → gradients → inverse curvature (:func:`build_inverse`) → scores →
+selection → update → masks. Everything is computed before the model changes, and any failure
+restores the model as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from woodfisher.fisher.base import InverseCurvature
+from woodfisher.params import (
+    Layout,
+    flat_masks,
+    flat_weights,
+    select_modules,
+    weight_param,
+)
+from woodfisher.pruning import obs
+from woodfisher.pruning.masks import _Snapshot, apply_masks, compute_masks
+from woodfisher.pruning.methods import (
+    DEFAULTS,
+    Method,
+    get_method,
+    relative_damp_scale,
+    resolve_update,
+    schedule,
+)
+from woodfisher.pruning.select import SCOPES, check_sparsity, select_by_sparsity
+
+
+@dataclass
+class Curvature:
+    """What a method's curvature step hands to pruning.
+
+    Attributes:
+        inv: The inverse curvature, or None for magnitude pruning.
+        mean_grad: (d,) mean sampled gradient ``ḡ`` (used by WoodTaylor), or None.
+        fmul: ``v ↦ F v`` for the same ``F`` as ``inv`` when cheap (empirical Fisher from the
+            kept gradients), used to report the quadratic model's value; else None.
+        damp: The absolute damp used, or None.
+        relative_damp: ``damp / mean(diag(GᵀG/m))`` when damp was set relative, else None.
+        times: Seconds spent in ``"gradients"`` and ``"inverse"``.
+    """
+
+    inv: InverseCurvature | None
+    mean_grad: Tensor | None = None
+    fmul: Callable[[Tensor], Tensor] | None = None
+    damp: float | None = None
+    relative_damp: float | None = None
+    times: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LayerResult:
+    """Sparsity of one pruned layer after pruning."""
+
+    name: str
+    shape: list[int]
+    numel: int
+    sparsity: float
+
+
+@dataclass
+class PruneResult:
+    """Report of one :func:`prune` call.
+
+    Attributes:
+        method: The method's name.
+        update: The update rule used (``"independent"`` if a joint step had to fall back).
+        sparsity: Fraction of zeros over all selected weights.
+        layers: Per-layer results.
+        predicted_increase: Predicted loss increase summed over steps (see ``predicted_by``).
+        predicted_by: ``"quadratic-model"``: ``ḡᵀδ + ½δᵀFδ`` at the applied update, with ``F``
+            rebuilt from the gradients (woodfisher, woodtaylor, diag-fisher); ``"saliency-sum"``:
+            sum of the pruned weights' saliencies (the independent-rule estimate); ``"none"``
+            for magnitude.
+        saliency_sum: Sum of the saliencies of the pruned weights (the score sum for magnitude).
+        times: Seconds per phase: gradients, inverse, selection, update, damp_search.
+        steps: The sparsity reached after each recomputation step.
+        damp: Absolute damp of the last step (None for magnitude).
+        relative_damp: The relative damp used, if damp was relative or "auto".
+        damp_search: Relative damp → held-out loss, when ``damp="auto"``.
+        seed: The seed used.
+        options: All options, JSON-able.
+    """
+
+    method: str
+    update: str
+    sparsity: float
+    layers: list[LayerResult]
+    predicted_increase: float | None
+    predicted_by: str
+    saliency_sum: float | None
+    times: dict[str, float]
+    steps: list[float]
+    damp: float | None
+    relative_damp: float | None
+    damp_search: dict[str, float] | None
+    seed: int
+    options: dict[str, object]
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-serialisable dict of the report.
+
+        Returns:
+            Plain dicts, lists, numbers and strings.
+        """
+        return asdict(self)
+
+
+def _loss_name(loss_fn: Callable | None) -> str:
+    if loss_fn is None:
+        return "cross_entropy"
+    return getattr(loss_fn, "__name__", type(loss_fn).__name__)
+
+
+def _batches(data: Iterable) -> Iterable[tuple[Tensor, Tensor]]:
+    for batch in data:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(
+                f"each batch of data must be an (inputs, targets) pair, got {type(batch).__name__}"
+            )
+        yield batch[0], batch[1]
+
+
+def check_data(model: nn.Module, data: Iterable, loss_fn: Callable | None = None) -> float:
+    """Run the first batch through the model to check that data and loss fit it.
+
+    Args:
+        model: The model (run under ``no_grad``; callers put it in eval mode).
+        data: Iterable of ``(inputs, targets)`` batches.
+        loss_fn: ``loss_fn(outputs, targets)`` -> scalar; default cross-entropy.
+
+    Returns:
+        The loss of the first batch.
+
+    Raises:
+        ValueError: If data is empty, a one-shot iterator or not batches of pairs, the
+            forward or loss fails (the message names the shapes), or the loss is not finite.
+    """
+    loss_fn = loss_fn or F.cross_entropy
+    try:
+        it = iter(data)
+        if it is data:
+            # Gradients, checks and damp search each read data from the start.
+            raise ValueError(
+                "data must be re-iterable (a list or a DataLoader), not a one-shot iterator "
+                f"({type(data).__name__})"
+            )
+    except TypeError as err:
+        raise ValueError(
+            f"data must be an iterable of (inputs, targets) batches, got {type(data).__name__}"
+        ) from err
+    x, y = _first(it)
+    try:
+        with torch.no_grad():
+            loss = loss_fn(model(x), y)
+    except Exception as err:
+        raise ValueError(
+            f"data does not fit the model: inputs of shape {tuple(getattr(x, 'shape', ()))}, "
+            f"targets of shape {tuple(getattr(y, 'shape', ()))} failed with "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+    if not torch.isfinite(loss):
+        raise ValueError(
+            f"the loss on the first batch is not finite ({float(loss)}); check data and model"
+        )
+    return float(loss)
+
+
+def _first(it) -> tuple[Tensor, Tensor]:
+    batch = next(it, None)
+    if batch is None:
+        raise ValueError("data is empty; pass an iterable of (inputs, targets) batches")
+    return next(iter(_batches([batch])))
+
+
+def _ef_fmul(
+    grads: Tensor, damp: float, blocks: Sequence[tuple[int, int]]
+) -> Callable[[Tensor], Tensor]:
+    m = grads.shape[0]
+
+    def fmul(v: Tensor) -> Tensor:
+        G = grads.to(v.dtype)
+        out = damp * v
+        for start, stop in blocks:
+            out[start:stop] += G[:, start:stop].T @ (G[:, start:stop] @ v[start:stop]) / m
+        return out
+
+    return fmul
+
+
+def _diag_fmul(grads: Tensor, damp: float) -> Callable[[Tensor], Tensor]:
+    diag = damp + grads.double().pow(2).mean(0)
+    return lambda v: diag.to(v.dtype) * v
+
+
+def build_inverse(
+    method: Method, model: nn.Module, data: Iterable, modules: dict[str, nn.Module], options: dict
+) -> Curvature:
+    """Sample gradients and build the inverse curvature that ``method`` needs.
+
+    This is the only place pruning talks to the curvature engine (tests monkeypatch it).
+
+    Args:
+        method: The method.
+        model: The model (eval mode, weights as they are now).
+        data: Iterable of ``(inputs, targets)`` batches.
+        modules: The selected modules (layout order).
+        options: ``loss_fn, num_grads, samples_per_grad, block_size, damp`` (absolute float or
+            None for relative), ``relative_damp, seed, progress``.
+
+    Returns:
+        The curvature bundle.
+    """
+    if method.curvature is None:
+        return Curvature(None)
+    times: dict[str, float] = {}
+    if method.curvature == "kfac":
+        from woodfisher.fisher import kfac_inverse
+
+        damp = options["damp"] if options["damp"] is not None else DEFAULTS["kfac_damp"]
+        t0 = time.perf_counter()
+        inv = kfac_inverse(
+            model,
+            data,
+            loss_fn=options["loss_fn"],
+            num_batches=options["num_grads"],
+            params=modules,
+            damp=damp,
+        )
+        times["inverse"] = time.perf_counter() - t0
+        return Curvature(inv, damp=float(damp), times=times)
+
+    from woodfisher.gradients import sample_gradients
+
+    t0 = time.perf_counter()
+    grads = sample_gradients(
+        model,
+        data,
+        loss_fn=options["loss_fn"],
+        num_grads=options["num_grads"],
+        samples_per_grad=options["samples_per_grad"],
+        params=modules,
+        seed=options["seed"],
+        progress=options["progress"],
+    )
+    times["gradients"] = time.perf_counter() - t0
+    rel = None
+    if options["damp"] is None:
+        rel = options["relative_damp"]
+        damp = rel * relative_damp_scale(grads)
+    else:
+        damp = float(options["damp"])
+    layout = Layout.of(modules)
+    t0 = time.perf_counter()
+    if method.curvature == "diagonal":
+        from woodfisher.fisher import DiagonalFisherInverse
+
+        inv = DiagonalFisherInverse(grads, damp, layout=layout)
+        fmul = _diag_fmul(grads, damp)
+    else:
+        from woodfisher.fisher import EmpiricalFisherInverse
+
+        inv = EmpiricalFisherInverse(
+            grads, block_size=options["block_size"], damp=damp, layout=layout
+        )
+        fmul = _ef_fmul(grads, damp, inv.blocks)
+    times["inverse"] = time.perf_counter() - t0
+    mean = grads.mean(0) if method.needs_mean_grad else None
+    return Curvature(inv, mean, fmul, damp, rel, times)
+
+
+def _step(
+    modules: dict[str, nn.Module],
+    layout: Layout,
+    method: Method,
+    curv: Curvature,
+    target: float,
+    scope: str,
+    layer_sparsity: Mapping[str, float] | None,
+    update: str,
+) -> dict[str, object]:
+    """One prune step to ``target``: score, select, update, then apply. Returns its stats."""
+    t0 = time.perf_counter()
+    w = flat_weights(modules)
+    present = flat_masks(modules)
+    inv, grad = curv.inv, curv.mean_grad
+    inv_diag = inv.diag() if inv is not None else None
+    inv_grad = inv.mul(grad.to(inv.dtype)) if grad is not None else None
+    scores = method.saliency(w, inv, inv_diag, grad, inv_grad)
+    remove = select_by_sparsity(scores, present, layout, target, scope, layer_sparsity)
+    t_select = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    used = update
+    if update == "none" or inv is None:
+        delta = -torch.where(remove, w, torch.zeros_like(w))
+    elif update == "independent":
+        delta = obs.independent_update(w, remove, inv, grad, inv_diag)
+    else:
+        try:
+            delta = obs.joint_update(w, remove, inv, grad, ~present)
+        except NotImplementedError:
+            # K-FAC may not offer exact constrained steps for big layers.
+            used = "independent"
+            delta = obs.independent_update(w, remove, inv, grad, inv_diag)
+    zero = remove | ~present
+    new_w = obs.finish_update(w, delta, zero)
+    applied = (new_w - w).to(delta.dtype)
+    sal = scores[remove].double()
+    if method.needs_mean_grad:
+        # ρ includes the constant -½ḡᵀF⁻¹ḡ; count it once, not once per weight.
+        const = -0.5 * float(torch.dot(grad.double(), inv_grad.double()))
+        saliency_sum = float((sal - const).sum()) + const
+    else:
+        saliency_sum = float(sal.sum())
+    if curv.fmul is not None:
+        predicted, by = obs.quadratic_model(applied, curv.fmul, grad), "quadratic-model"
+    elif inv is not None:
+        predicted, by = saliency_sum, "saliency-sum"
+    else:
+        predicted, by = None, "none"
+    masks = compute_masks(modules, ~zero)
+    apply_masks(None, modules, masks, layout.split(new_w))
+    t_update = time.perf_counter() - t0
+    return {
+        "update": used,
+        "saliency_sum": saliency_sum,
+        "predicted": predicted,
+        "by": by,
+        "selection": t_select,
+        "update_time": t_update,
+    }
+
+
+def _held_out(data: Iterable, skip: int, n: int) -> list[tuple[Tensor, Tensor]]:
+    out, seen, taken = [], 0, 0
+    for x, y in _batches(data):
+        b = x.shape[0]
+        lo = max(0, skip - seen)
+        seen += b
+        if lo >= b:
+            continue
+        hi = min(b, lo + n - taken)
+        out.append((x[lo:hi], y[lo:hi]))
+        taken += hi - lo
+        if taken >= n:
+            break
+    return out
+
+
+def evaluate_loss(model: nn.Module, batches: Iterable, loss_fn: Callable | None = None) -> float:
+    """Mean loss of ``model`` (eval mode, no grad) over ``(inputs, targets)`` batches.
+
+    Args:
+        model: The model.
+        batches: Iterable of ``(inputs, targets)``.
+        loss_fn: Mean-reduced loss; default cross-entropy.
+
+    Returns:
+        The sample-weighted mean loss (``inf`` if not finite).
+
+    Raises:
+        ValueError: If there are no batches.
+    """
+    loss_fn = loss_fn or F.cross_entropy
+    total, count = 0.0, 0
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x, y in _batches(batches):
+                total += float(loss_fn(model(x), y)) * x.shape[0]
+                count += x.shape[0]
+    finally:
+        model.train(was)
+    if count == 0:
+        raise ValueError("no held-out samples to evaluate on")
+    value = total / count
+    return value if math.isfinite(value) else math.inf
+
+
+def prune(
+    model: nn.Module,
+    data: Iterable,
+    sparsity: float,
+    method: str = "woodfisher",
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    *,
+    layers: Sequence[str] | str | None = None,
+    skip: Sequence[str] | str | None = None,
+    scope: str = "global",
+    layer_sparsity: Mapping[str, float] | None = None,
+    update: str | None = None,
+    num_grads: int | None = None,
+    samples_per_grad: int = DEFAULTS["samples_per_grad"],
+    block_size: int | None = DEFAULTS["block_size"],
+    damp: float | str | None = None,
+    recompute: int = 1,
+    seed: int = 0,
+    val_data: Iterable | None = None,
+    progress: bool = False,
+) -> PruneResult:
+    """Prune ``model`` in place to ``sparsity`` over the selected weights.
+
+    Weights are scored by ``method`` (lower goes first), the lowest are removed until the
+    target is met exactly, the rest compensate by the ``update`` rule, and the result is stored
+    as ``torch.nn.utils.prune`` masks (see :func:`~woodfisher.pruning.masks.bake`). The model
+    is evaluated in eval mode throughout; its training flags are restored at the end.
+
+    Args:
+        model: The model; changed in place.
+        data: Iterable of ``(inputs, targets)`` batches; gradients come from its first
+            ``num_grads · samples_per_grad`` samples.
+        sparsity: Target fraction of zeros in [0, 1), counted over all selected weights,
+            weights pruned before included.
+        method: A key of :data:`~woodfisher.pruning.methods.METHODS`.
+        loss_fn: ``loss_fn(outputs, targets)`` -> mean loss; default cross-entropy.
+        layers: ``fnmatch`` patterns of modules to prune (default every Linear/Conv).
+        skip: Patterns of modules to leave alone.
+        scope: ``"global"`` (one threshold over all layers) or ``"layerwise"``.
+        layer_sparsity: Per-layer target overrides (module name → sparsity).
+        update: ``"none"``, ``"independent"`` (the paper's summed single-weight OBS steps) or
+            ``"joint"`` (exact OBS per block); default: the method's.
+        num_grads: Gradients to sample (for kfac: batches); default 1000 (kfac: 50).
+        samples_per_grad: Samples averaged into one gradient (the paper's fisher-mini-bsz).
+        block_size: Block size of the block-diagonal empirical Fisher; None for one full block
+            (per layer blocks never cross layers).
+        damp: Absolute damp (float); None for ``DEFAULTS["relative_damp"] · mean(diag(GᵀG/m))``;
+            ``"auto"`` to pick the relative damp from ``DEFAULTS["damp_grid"]`` by the loss on
+            held-out samples (``val_data`` or the samples of ``data`` after the gradients').
+        recompute: Number of steps to reach the target (sparsities from
+            :func:`~woodfisher.pruning.methods.schedule`, cubic), with fresh gradients and a
+            fresh inverse at each.
+        seed: Seed for gradient sampling; recorded in the result.
+        val_data: Held-out batches for ``damp="auto"``.
+        progress: Show progress bars.
+
+    Returns:
+        The report.
+
+    Raises:
+        ValueError: On bad input (sparsity outside [0, 1) or below the current one, unknown
+            method/scope/update/layer, no prunable modules, data that does not fit the model, a
+            non-finite loss). The model is then left exactly as it was.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3))
+        >>> data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+        >>> prune(net, data, 0.5, method="magnitude").sparsity
+        0.5
+    """
+    check_sparsity(sparsity)
+    meth = get_method(method)
+    upd = resolve_update(meth, update)
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; choose from {list(SCOPES)}")
+    if isinstance(recompute, bool) or not isinstance(recompute, int) or recompute < 1:
+        raise ValueError(f"recompute must be a positive integer, got {recompute!r}")
+    if num_grads is None:
+        num_grads = (
+            DEFAULTS["kfac_num_batches"] if meth.curvature == "kfac" else DEFAULTS["num_grads"]
+        )
+    for name, value in (("num_grads", num_grads), ("samples_per_grad", samples_per_grad)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if block_size is not None and (
+        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
+    ):
+        raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
+    if not (
+        damp is None
+        or damp == "auto"
+        or (
+            isinstance(damp, (int, float))
+            and not isinstance(damp, bool)
+            and math.isfinite(damp)
+            and damp > 0
+        )
+    ):
+        raise ValueError(
+            f"damp must be a positive float, None (relative default) or 'auto', got {damp!r}"
+        )
+    modules = select_modules(model, layers, skip)
+    layout = Layout.of(modules)
+    if layer_sparsity:
+        for name, s in layer_sparsity.items():
+            if name not in modules:
+                raise ValueError(
+                    f"layer_sparsity names unknown layer {name!r}; selected: {list(modules)}"
+                )
+            check_sparsity(s, f"layer_sparsity[{name!r}]")
+    options = {
+        "loss_fn": loss_fn,
+        "num_grads": num_grads,
+        "samples_per_grad": samples_per_grad,
+        "block_size": block_size,
+        "damp": None if damp == "auto" else damp,
+        "relative_damp": DEFAULTS["relative_damp"],
+        "seed": seed,
+        "progress": progress,
+    }
+    public = {
+        "sparsity": sparsity,
+        "method": method,
+        "loss_fn": _loss_name(loss_fn),
+        "layers": [layers] if isinstance(layers, str) else (list(layers) if layers else None),
+        "skip": [skip] if isinstance(skip, str) else (list(skip) if skip else None),
+        "scope": scope,
+        "layer_sparsity": dict(layer_sparsity) if layer_sparsity else None,
+        "update": upd,
+        "num_grads": num_grads,
+        "samples_per_grad": samples_per_grad,
+        "block_size": block_size,
+        "damp": damp,
+        "recompute": recompute,
+        "seed": seed,
+        "schedule": DEFAULTS["schedule"],
+    }
+
+    flags = {mod: mod.training for mod in model.modules()}
+    snap = _Snapshot(dict(model.named_modules()))
+    model.eval()
+    try:
+        check_data(model, data, loss_fn)
+        search, t_search = None, 0.0
+        if damp == "auto" and meth.curvature not in (None, "kfac"):
+            t0 = time.perf_counter()
+            val = (
+                list(val_data)
+                if val_data is not None
+                else _held_out(data, num_grads * samples_per_grad, DEFAULTS["val_samples"])
+            )
+            if not val:
+                raise ValueError(
+                    "damp='auto' needs held-out samples: data has none after the "
+                    f"{num_grads * samples_per_grad} used for gradients; pass val_data"
+                )
+            search = {}
+            for rel in DEFAULTS["damp_grid"]:
+                trial = copy.deepcopy(model)
+                _run(
+                    trial,
+                    select_modules(trial, layers, skip),
+                    layout,
+                    meth,
+                    data,
+                    sparsity,
+                    scope,
+                    layer_sparsity,
+                    upd,
+                    {**options, "relative_damp": rel},
+                    recompute,
+                )
+                search[repr(rel)] = evaluate_loss(trial, val, loss_fn)
+            best = min(search, key=lambda k: search[k])  # first of equals: dict order
+            options["relative_damp"] = float(best)
+            t_search = time.perf_counter() - t0
+        stats = _run(
+            model,
+            modules,
+            layout,
+            meth,
+            data,
+            sparsity,
+            scope,
+            layer_sparsity,
+            upd,
+            options,
+            recompute,
+        )
+    except BaseException:
+        snap.restore()
+        raise
+    finally:
+        for mod, flag in flags.items():
+            mod.train(flag)
+
+    stats["times"]["damp_search"] = t_search
+    present = flat_masks(modules)
+    layer_results = []
+    for name, mod in modules.items():
+        part = layout.split(present)[name]
+        numel = part.numel()
+        layer_results.append(
+            LayerResult(name, list(weight_param(mod).shape), numel, float((~part).sum()) / numel)
+        )
+    return PruneResult(
+        method=method,
+        update=stats["update"],
+        sparsity=float((~present).sum()) / layout.d,
+        layers=layer_results,
+        predicted_increase=stats["predicted"],
+        predicted_by=stats["by"],
+        saliency_sum=stats["saliency_sum"],
+        times=stats["times"],
+        steps=stats["steps"],
+        damp=stats["damp"],
+        relative_damp=stats["relative_damp"],
+        damp_search=search,
+        seed=seed,
+        options=public,
+    )
+
+
+def _run(
+    model, modules, layout, meth, data, sparsity, scope, layer_sparsity, upd, options, recompute
+) -> dict:
+    """All recomputation steps on ``model``; returns the summed stats."""
+    current = float((~flat_masks(modules)).sum()) / layout.d
+    kind = DEFAULTS["schedule"]
+    targets = schedule(current, sparsity, recompute, kind)
+    # Overridden layers follow the same schedule towards their own targets.
+    per_layer = {}
+    for name, s in (layer_sparsity or {}).items():
+        off, size = layout.offsets[layout.names.index(name)], layout.sizes[layout.names.index(name)]
+        now = float((~flat_masks(modules)[off : off + size]).sum()) / size
+        per_layer[name] = schedule(now, s, recompute, kind)
+    times = {"gradients": 0.0, "inverse": 0.0, "selection": 0.0, "update": 0.0}
+    out = {
+        "update": upd,
+        "saliency_sum": 0.0,
+        "predicted": 0.0,
+        "by": "none",
+        "steps": [],
+        "damp": None,
+        "relative_damp": None,
+        "times": times,
+    }
+    for step, target in enumerate(targets):
+        overrides = {name: sched[step] for name, sched in per_layer.items()} or None
+        curv = build_inverse(meth, model, data, modules, options)
+        for k, v in curv.times.items():
+            times[k] += v
+        st = _step(modules, layout, meth, curv, target, scope, overrides, upd)
+        times["selection"] += st["selection"]
+        times["update"] += st["update_time"]
+        if st["update"] != upd:
+            out["update"] = st["update"]
+        out["saliency_sum"] += st["saliency_sum"]
+        out["by"] = st["by"]
+        out["predicted"] = (
+            None if st["predicted"] is None else (out["predicted"] or 0.0) + st["predicted"]
+        )
+        out["steps"].append(float((~flat_masks(modules)).sum()) / layout.d)
+        out["damp"], out["relative_damp"] = curv.damp, curv.relative_damp
+    return out

@@ -1,0 +1,175 @@
+"""Pruning methods, plugged in through a plain dict, and the one place for defaults.
+
+A :class:`Method` says which curvature it needs, how it scores weights and which update it uses
+unless told otherwise. ``METHODS`` maps the public names to them; the CLI's choices come from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from woodfisher.fisher.base import InverseCurvature
+from woodfisher.pruning import obs
+
+UPDATES = ("none", "independent", "joint")
+
+#: Defaults of :func:`woodfisher.pruning.prune`, each with the reason it was chosen.
+DEFAULTS: dict[str, object] = {
+    # The paper's MLPNet/ResNet runs use ~1000 per-sample gradients (fisher-mini-bsz 1).
+    "num_grads": 1000,
+    "samples_per_grad": 1,
+    # A block as wide as the number of gradients lets each block's Fisher reach full rank
+    # (rank ≤ m); wider blocks are rank-deficient and lean on damp.
+    "block_size": 1000,
+    # damp=None means relative: damp = relative_damp · mean(diag(GᵀG/m)), so one default works
+    # whatever the gradient scale of the model. A float passed as damp is absolute.
+    "relative_damp": 1e-2,
+    # Relative grid for damp="auto" (a prune per value, scored on held-out samples).
+    "damp_grid": (1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+    # Held-out samples for damp="auto" when no val_data is given (taken after the gradients').
+    "val_samples": 1000,
+    # K-FAC: number of mini-batches for its factors (num_grads is read as that for kfac).
+    "kfac_num_batches": 50,
+    # The absolute damp K-FAC gets when damp=None (its factors are not on the EF scale).
+    "kfac_damp": 1e-3,
+    # Recomputation schedule: "cubic" (Zhu & Gupta's polynomial, larger steps first) or "linear".
+    "schedule": "cubic",
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a pruning method is put together.
+
+    Attributes:
+        name: Public name, the key in :data:`METHODS`.
+        curvature: What inverse to build: ``None`` (magnitude), ``"diagonal"``, ``"kfac"`` or
+            ``"woodfisher"`` (block-wise empirical Fisher).
+        saliency: ``(w, inv, inv_diag, grad, inv_grad) -> scores``; lower is pruned first.
+        needs_mean_grad: Whether the first-order term ``ḡ`` enters (WoodTaylor).
+        default_update: The update used when ``update=None``.
+        updates: The update rules this method allows.
+    """
+
+    name: str
+    curvature: str | None
+    saliency: Callable[..., Tensor]
+    needs_mean_grad: bool
+    default_update: str
+    updates: tuple[str, ...] = UPDATES
+
+
+def _magnitude(w: Tensor, inv: InverseCurvature | None, inv_diag, grad, inv_grad) -> Tensor:
+    return obs.magnitude_saliency(w)
+
+
+def _obs(w: Tensor, inv: InverseCurvature, inv_diag: Tensor, grad, inv_grad) -> Tensor:
+    return obs.obs_saliency(w.to(inv_diag.dtype), inv_diag)
+
+
+def _woodtaylor(
+    w: Tensor, inv: InverseCurvature, inv_diag: Tensor, grad: Tensor, inv_grad: Tensor
+) -> Tensor:
+    return obs.woodtaylor_saliency(
+        w.to(inv_diag.dtype), inv_diag, inv_grad, grad.to(inv_diag.dtype)
+    )
+
+
+# The paper's code applies the independent (summed) update; "joint" is the exact per-block OBS.
+METHODS: dict[str, Method] = {
+    "magnitude": Method("magnitude", None, _magnitude, False, "none", ("none",)),
+    "diag-fisher": Method("diag-fisher", "diagonal", _obs, False, "independent"),
+    "kfac": Method("kfac", "kfac", _obs, False, "independent"),
+    "woodfisher": Method("woodfisher", "woodfisher", _obs, False, "independent"),
+    "woodtaylor": Method("woodtaylor", "woodfisher", _woodtaylor, True, "independent"),
+}
+
+
+def get_method(name: str) -> Method:
+    """Look a method up by name.
+
+    Args:
+        name: A key of :data:`METHODS`.
+
+    Returns:
+        The method.
+
+    Raises:
+        ValueError: If the name is unknown.
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def resolve_update(method: Method, update: str | None) -> str:
+    """The update rule to use.
+
+    Args:
+        method: The method.
+        update: The requested rule or None for the method's default.
+
+    Returns:
+        One of :data:`UPDATES`.
+
+    Raises:
+        ValueError: If the rule is unknown or the method cannot use it (magnitude has no
+            curvature, so it allows only ``"none"``).
+    """
+    if update is None:
+        return method.default_update
+    if update not in UPDATES:
+        raise ValueError(f"unknown update {update!r}; choose from {list(UPDATES)}")
+    if update not in method.updates:
+        raise ValueError(
+            f"method {method.name!r} has no curvature for an OBS update; use update='none' "
+            f"(allowed: {list(method.updates)}) or a second-order method"
+        )
+    return update
+
+
+def schedule(current: float, target: float, steps: int, kind: str = "cubic") -> list[float]:
+    """Intermediate sparsities from ``current`` to ``target`` in ``steps`` steps.
+
+    ``cubic`` is the polynomial schedule of Zhu & Gupta (2017) used by the paper for gradual
+    pruning: ``s_t = target + (current - target)(1 - t/steps)³``, large steps first while many
+    weights are left; ``linear`` spaces them evenly. The last value is ``target`` exactly.
+
+    Args:
+        current: Sparsity now.
+        target: Final sparsity.
+        steps: Number of steps (>= 1).
+        kind: ``"cubic"`` or ``"linear"``.
+
+    Returns:
+        ``steps`` sparsities, non-decreasing, ending at ``target``.
+
+    Raises:
+        ValueError: If ``kind`` is unknown.
+
+    Example:
+        >>> schedule(0.0, 0.8, 2, "linear")
+        [0.4, 0.8]
+    """
+    if kind not in ("cubic", "linear"):
+        raise ValueError(f"unknown schedule {kind!r}; choose from ['cubic', 'linear']")
+    power = 3 if kind == "cubic" else 1
+    out = [target + (current - target) * (1 - t / steps) ** power for t in range(1, steps)]
+    return [max(current, s) for s in out] + [target]
+
+
+def relative_damp_scale(grads: Tensor) -> float:
+    """Natural damp scale: the mean diagonal of ``GᵀG/m`` (the undamped empirical Fisher).
+
+    Args:
+        grads: (m, d) sampled gradients.
+
+    Returns:
+        A positive float (1.0 when every gradient is zero, so damp stays usable).
+    """
+    scale = float(grads.double().pow(2).sum(0).mean() / max(grads.shape[0], 1))
+    return scale if scale > 0 and torch.isfinite(torch.tensor(scale)) else 1.0
