@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from woodfisher.params import Layout
-from woodfisher.pruning import schedule, select, select_by_sparsity
+from woodfisher.pruning import interpolate as schedule
+from woodfisher.pruning import select, select_by_sparsity
 
 LAYOUT = Layout(("a", "b"), (torch.Size([4, 5]), torch.Size([10])))
 

@@ -14,7 +14,6 @@ from woodfisher.pruning.methods import (
     UPDATES,
     Method,
     get_method,
-    schedule,
 )
 from woodfisher.pruning.obs import (
     finish_update,
@@ -25,35 +24,33 @@ from woodfisher.pruning.obs import (
     quadratic_model,
     woodtaylor_saliency,
 )
+from woodfisher.pruning.schedule import interpolate, polynomial_sparsity, pruning_steps
 from woodfisher.pruning.select import SCOPES, select, select_by_sparsity
 
 __all__ = [
-    "DEFAULTS",
-    # methods
-    "METHODS",
-    "SCOPES",
-    "UPDATES",
     "Curvature",
+    "DEFAULTS",
     "LayerResult",
+    "METHODS",
     "Method",
     "PruneResult",
+    "SCOPES",
+    "UPDATES",
     "apply_masks",
     "bake",
     "build_inverse",
-    # masks
     "compute_masks",
     "finish_update",
     "get_method",
     "independent_update",
+    "interpolate",
     "joint_update",
-    # OBS
     "magnitude_saliency",
     "obs_saliency",
-    # API
+    "polynomial_sparsity",
     "prune",
+    "pruning_steps",
     "quadratic_model",
-    "schedule",
-    # selection
     "select",
     "select_by_sparsity",
     "woodtaylor_saliency",

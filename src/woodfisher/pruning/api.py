@@ -33,8 +33,8 @@ from woodfisher.pruning.methods import (
     get_method,
     relative_damp_scale,
     resolve_update,
-    schedule,
 )
+from woodfisher.pruning.schedule import interpolate
 from woodfisher.pruning.select import SCOPES, check_sparsity, select_by_sparsity
 
 
@@ -443,7 +443,7 @@ def prune(
             ``"auto"`` to pick the relative damp from ``DEFAULTS["damp_grid"]`` by the loss on
             held-out samples (``val_data`` or the samples of ``data`` after the gradients').
         recompute: Number of steps to reach the target (sparsities from
-            :func:`~woodfisher.pruning.methods.schedule`, cubic), with fresh gradients and a
+            :func:`~woodfisher.pruning.schedule.interpolate`, cubic), with fresh gradients and a
             fresh inverse at each.
         seed: Seed for gradient sampling; recorded in the result.
         val_data: Held-out batches for ``damp="auto"``.
@@ -622,13 +622,13 @@ def _run(
     """All recomputation steps on ``model``; returns the summed stats."""
     current = float((~flat_masks(modules)).sum()) / layout.d
     kind = DEFAULTS["schedule"]
-    targets = schedule(current, sparsity, recompute, kind)
+    targets = interpolate(current, sparsity, recompute, kind)
     # Overridden layers follow the same schedule towards their own targets.
     per_layer = {}
     for name, s in (layer_sparsity or {}).items():
         off, size = layout.offsets[layout.names.index(name)], layout.sizes[layout.names.index(name)]
         now = float((~flat_masks(modules)[off : off + size]).sum()) / size
-        per_layer[name] = schedule(now, s, recompute, kind)
+        per_layer[name] = interpolate(now, s, recompute, kind)
     times = {"gradients": 0.0, "inverse": 0.0, "selection": 0.0, "update": 0.0}
     out = {
         "update": upd,

@@ -132,36 +132,6 @@ def resolve_update(method: Method, update: str | None) -> str:
     return update
 
 
-def schedule(current: float, target: float, steps: int, kind: str = "cubic") -> list[float]:
-    """Intermediate sparsities from ``current`` to ``target`` in ``steps`` steps.
-
-    ``cubic`` is the polynomial schedule of Zhu & Gupta (2017) used by the paper for gradual
-    pruning: ``s_t = target + (current - target)(1 - t/steps)³``, large steps first while many
-    weights are left; ``linear`` spaces them evenly. The last value is ``target`` exactly.
-
-    Args:
-        current: Sparsity now.
-        target: Final sparsity.
-        steps: Number of steps (>= 1).
-        kind: ``"cubic"`` or ``"linear"``.
-
-    Returns:
-        ``steps`` sparsities, non-decreasing, ending at ``target``.
-
-    Raises:
-        ValueError: If ``kind`` is unknown.
-
-    Example:
-        >>> schedule(0.0, 0.8, 2, "linear")
-        [0.4, 0.8]
-    """
-    if kind not in ("cubic", "linear"):
-        raise ValueError(f"unknown schedule {kind!r}; choose from ['cubic', 'linear']")
-    power = 3 if kind == "cubic" else 1
-    out = [target + (current - target) * (1 - t / steps) ** power for t in range(1, steps)]
-    return [max(current, s) for s in out] + [target]
-
-
 def relative_damp_scale(grads: Tensor) -> float:
     """Natural damp scale: the mean diagonal of ``GᵀG/m`` (the undamped empirical Fisher).
 

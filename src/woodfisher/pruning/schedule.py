@@ -77,3 +77,35 @@ def pruning_steps(
     if times[-1] != end:
         times.append(end)
     return {t: polynomial_sparsity(t, initial, final, start, end) for t in times}
+
+
+def interpolate(current: float, target: float, steps: int, kind: str = "cubic") -> list[float]:
+    """Intermediate sparsities from ``current`` to ``target`` in ``steps`` equal time steps.
+
+    ``cubic`` follows :func:`polynomial_sparsity` (large steps first while many weights are
+    left); ``linear`` spaces them evenly. Used to reach a one-shot target in several prunes
+    with fresh curvature between them.
+
+    Args:
+        current: Sparsity now.
+        target: Final sparsity.
+        steps: Number of steps (>= 1).
+        kind: ``"cubic"`` or ``"linear"``.
+
+    Returns:
+        ``steps`` sparsities, non-decreasing, ending at ``target`` exactly.
+
+    Raises:
+        ValueError: If ``kind`` is unknown.
+
+    Example:
+        >>> interpolate(0.0, 0.8, 2, "linear")
+        [0.4, 0.8]
+    """
+    if kind not in ("cubic", "linear"):
+        raise ValueError(f"unknown schedule {kind!r}; choose from ['cubic', 'linear']")
+    if kind == "cubic":
+        out = [polynomial_sparsity(t, current, target, 0, steps) for t in range(1, steps)]
+    else:
+        out = [current + (target - current) * t / steps for t in range(1, steps)]
+    return [max(current, s) for s in out] + [target]
