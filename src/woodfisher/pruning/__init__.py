@@ -28,14 +28,14 @@ from woodfisher.pruning.schedule import interpolate, polynomial_sparsity, prunin
 from woodfisher.pruning.select import SCOPES, select, select_by_sparsity
 
 __all__ = [
-    "Curvature",
     "DEFAULTS",
-    "LayerResult",
     "METHODS",
-    "Method",
-    "PruneResult",
     "SCOPES",
     "UPDATES",
+    "Curvature",
+    "LayerResult",
+    "Method",
+    "PruneResult",
     "apply_masks",
     "bake",
     "build_inverse",
