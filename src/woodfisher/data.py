@@ -217,8 +217,8 @@ def _make_splits(
     xte = ((xte - mean) / std).unsqueeze(1)
     return DatasetSplits(
         name=name,
-        train=TensorDataset(xtr, torch.as_tensor(y_train, dtype=torch.int64)),
-        test=TensorDataset(xte, torch.as_tensor(y_test, dtype=torch.int64)),
+        train=TensorDataset(xtr, torch.tensor(np.asarray(y_train), dtype=torch.int64)),
+        test=TensorDataset(xte, torch.tensor(np.asarray(y_test), dtype=torch.int64)),
         input_shape=tuple(xtr.shape[1:]),
         num_classes=num_classes,
         mean=mean,
