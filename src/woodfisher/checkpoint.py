@@ -90,16 +90,27 @@ def check_writable(path: str | os.PathLike) -> Path:
 
 
 def _plain(value: Any) -> Any:
-    """Convert tuples to lists and numbers to Python scalars, so weights_only loading works."""
+    """Reduce ``value`` to types ``torch.load(weights_only=True)`` accepts.
+
+    Dicts get string keys, tuples become lists, str subclasses (``torch.__version__``) become
+    ``str`` and numpy scalars Python numbers; anything else is stored as its ``str``.
+    """
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().clone()
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, str):
+        return str(value)
+    for kind in (bool, int, float):
+        if isinstance(value, kind):
+            return kind(value)
+    if hasattr(value, "item"):
         return value.item()
-    return value
+    return str(value)
 
 
 def save_checkpoint(

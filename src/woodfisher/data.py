@@ -32,6 +32,7 @@ __all__ = [
     "DatasetSplits",
     "FASHION_MNIST_FILES",
     "as_batches",
+    "fashion_mnist_files",
     "find_data_dir",
     "load_dataset",
     "load_digits",
@@ -170,6 +171,22 @@ def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     if env:
         return Path(env)
     return DEFAULT_FASHION_MNIST_DIR
+
+
+def fashion_mnist_files(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Locate the four Fashion-MNIST files without reading them.
+
+    Args:
+        data_dir: Explicit directory (see :func:`find_data_dir` for the lookup order).
+
+    Returns:
+        The paths of the train images/labels and test images/labels.
+
+    Raises:
+        DataError: If a file is missing; the message names it and says how to get it.
+    """
+    directory = find_data_dir(data_dir)
+    return [_find_file(directory, stem) for pair in FASHION_MNIST_FILES.values() for stem in pair]
 
 
 def _read_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "masked_parameters",
     "sparsity_report",
     "train",
+    "train_and_save",
 ]
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -274,3 +276,77 @@ def sparsity_report(model: nn.Module) -> dict[str, Any]:
         zeros += z
     return {"layers": layers, "numel": numel, "zeros": zeros,
             "sparsity": zeros / numel if numel else 0.0}
+
+
+def train_and_save(
+    model_name: str = "mlpnet",
+    dataset: str = "fashion-mnist",
+    out: str | None = None,
+    epochs: int = 10,
+    lr: float = 0.05,
+    batch_size: int = 128,
+    seed: int = 0,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    schedule: str = "cosine",
+    data_dir: str | None = None,
+    progress: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
+    create_dir: bool = False,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a dataset, build a model for it, train, evaluate on the test split and save.
+
+    Every check (output path, names, data files, hyper-parameters) runs before training, so
+    bad input fails fast and leaves no file behind.
+
+    Args:
+        model_name: One of ``woodfisher.models.MODELS``.
+        dataset: One of ``woodfisher.data.DATASETS``.
+        out: Checkpoint path; ``None`` trains without saving.
+        epochs: Training epochs.
+        lr: Peak learning rate (cosine schedule by default).
+        batch_size: Batch size.
+        seed: Seed of the initialisation and the shuffling.
+        momentum: SGD momentum.
+        weight_decay: L2 penalty.
+        schedule: Learning-rate schedule, one of ``SCHEDULES``.
+        data_dir: Directory with the dataset files (Fashion-MNIST).
+        progress: Show progress bars on stderr.
+        model_kwargs: Extra keyword arguments for ``build_model``.
+        create_dir: Create the directory of ``out`` (after the other checks pass).
+
+    Returns:
+        ``(model, info)`` with ``info = {"model": spec, "dataset": {...}, "meta": {...},
+        "path": out}``, the same layout :func:`woodfisher.checkpoint.load_checkpoint` returns.
+
+    Raises:
+        ValueError: On any bad input (unknown names, missing data, unwritable ``out``, ...).
+    """
+    from woodfisher.checkpoint import check_writable, save_checkpoint, versions
+    from woodfisher.data import load_dataset
+    from woodfisher.models import MODELS, build_model
+
+    lr_at(0, 1, lr, schedule)
+    if model_name not in MODELS:  # fail before the data is read
+        raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
+    splits = load_dataset(dataset, data_dir=data_dir)
+    if out is not None:
+        if create_dir:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+        check_writable(out)
+    torch.manual_seed(seed)
+    model = build_model(model_name, splits.input_shape, splits.num_classes,
+                        **(model_kwargs or {}))
+    history = train(model, splits.train, epochs=epochs, lr=lr, batch_size=batch_size,
+                    seed=seed, momentum=momentum, weight_decay=weight_decay,
+                    schedule=schedule, progress=progress)
+    result = evaluate(model, splits.test)
+    spec = {"name": model_name, "input_shape": list(splits.input_shape),
+            "num_classes": splits.num_classes, "kwargs": dict(model_kwargs or {})}
+    normalisation = {"dataset": dataset, **splits.normalisation}
+    meta = {**history, "test_accuracy": result["accuracy"], "test_loss": result["loss"],
+            "versions": versions()}
+    if out is not None:
+        save_checkpoint(out, model, spec, normalisation, meta)
+    return model, {"model": spec, "dataset": normalisation, "meta": meta,
+                   "path": None if out is None else str(out)}
