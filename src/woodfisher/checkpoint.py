@@ -78,7 +78,9 @@ def check_writable(path: str | os.PathLike) -> Path:
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
-        raise ValueError(f"output path {path} is a directory; give a file name such as {path}/model.pt")
+        raise ValueError(
+            f"output path {path} is a directory; give a file name such as {path}/model.pt"
+        )
     if not parent.is_dir():
         raise ValueError(f"cannot write {path}: directory {parent} does not exist; create it first")
     try:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
