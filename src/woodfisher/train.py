@@ -123,6 +123,7 @@ def train(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with SGD + momentum, in place, keeping pruning masks.
 
@@ -140,6 +141,9 @@ def train(
         loss_fn: Loss ``(logits, y) -> scalar``; cross-entropy by default.
         progress: Show a progress bar per epoch on stderr.
         device: Device to train on; defaults to where the model's parameters are.
+        optimizer: An optimizer over ``model``'s parameters to use (and keep state in) instead
+            of a fresh SGD, e.g. to carry momentum across fine-tuning rounds; its learning rate
+            is still set by ``lr`` and ``schedule``.
 
     Returns:
         ``{"epochs", "losses" (mean train loss per epoch), "time_s", "steps", "seed", "lr",
@@ -163,8 +167,9 @@ def train(
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     torch.manual_seed(seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
-                                weight_decay=weight_decay)
+    if optimizer is None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                                    weight_decay=weight_decay)
     try:
         steps_per_epoch = len(train_data) if not isinstance(train_data, torch.utils.data.Dataset) \
             else math.ceil(len(train_data) / batch_size)
