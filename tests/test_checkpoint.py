@@ -23,7 +23,11 @@ def _assert_same_state(a, b):
 
 @pytest.mark.parametrize(
     "name, shape, kw",
-    [("mlpnet", (1, 8, 8), {}), ("cnn", (1, 8, 8), {}), ("resnet20", (3, 16, 16), {"shortcut": "B"})],
+    [
+        ("mlpnet", (1, 8, 8), {}),
+        ("cnn", (1, 8, 8), {}),
+        ("resnet20", (3, 16, 16), {"shortcut": "B"}),
+    ],
 )
 def test_round_trip(tmp_path, name, shape, kw):
     torch.manual_seed(0)

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_fashion_dir
 from typer.testing import CliRunner
 
+from conftest import write_fashion_dir
 from woodfisher.cli import app
 
 runner = CliRunner()

@@ -5,9 +5,9 @@ import gzip
 import numpy as np
 import pytest
 import torch
-from conftest import idx_bytes, write_fashion_dir
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from conftest import idx_bytes, write_fashion_dir
 from woodfisher.data import (
     DEFAULT_FASHION_MNIST_DIR,
     DataError,
