@@ -12,7 +12,7 @@ Example:
     >>> model = build_model("mlpnet-small", input_shape=(1, 8, 8))
     >>> spec = {"name": "mlpnet-small", "input_shape": [1, 8, 8], "num_classes": 10}
     >>> path = os.path.join(tempfile.mkdtemp(), "m.pt")
-    >>> save_checkpoint(path, model, spec)
+    >>> _ = save_checkpoint(path, model, spec)
     >>> loaded, info = load_checkpoint(path)
     >>> info["model"]["name"]
     'mlpnet-small'

@@ -4,8 +4,9 @@ Example:
     >>> from woodfisher.data import synthetic
     >>> from woodfisher.models import build_model
     >>> ds = synthetic(n=128, input_shape=(1, 8, 8), num_classes=3)
+    >>> _ = torch.manual_seed(0)
     >>> model = build_model("mlpnet-small", input_shape=(1, 8, 8), num_classes=3)
-    >>> hist = train(model, ds, epochs=2, lr=0.05, batch_size=32, progress=False)
+    >>> hist = train(model, ds, epochs=5, lr=0.05, batch_size=32, progress=False)
     >>> evaluate(model, ds)["accuracy"] > 0.9
     True
 """
