@@ -1,0 +1,263 @@
+"""Checkpoints as plain data: a state dict, the model spec, the dataset and training metadata.
+
+Files are written atomically (temporary file in the same directory, then ``os.replace``) and
+read with ``torch.load(..., weights_only=True)``: a checkpoint is data, not code.
+
+Pruned models carry ``torch.nn.utils.prune`` state (``fc1.weight_orig`` and ``fc1.weight_mask``);
+:func:`load_checkpoint` re-creates that reparametrisation before loading so masks survive.
+
+Example:
+    >>> import tempfile, os
+    >>> from woodfisher.models import build_model
+    >>> model = build_model("mlpnet-small", input_shape=(1, 8, 8))
+    >>> spec = {"name": "mlpnet-small", "input_shape": [1, 8, 8], "num_classes": 10}
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.pt")
+    >>> _ = save_checkpoint(path, model, spec)
+    >>> loaded, info = load_checkpoint(path)
+    >>> info["model"]["name"]
+    'mlpnet-small'
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from woodfisher import __version__
+from woodfisher.models import build_model
+
+__all__ = [
+    "FORMAT",
+    "CheckpointError",
+    "check_writable",
+    "load_checkpoint",
+    "refresh_pruned_weights",
+    "save_checkpoint",
+    "versions",
+]
+
+FORMAT = "woodfisher-checkpoint"
+FORMAT_VERSION = 1
+_REQUIRED = ("format", "state_dict", "model")
+
+
+class CheckpointError(ValueError):
+    """A file is not a (readable) woodfisher checkpoint."""
+
+
+def versions() -> dict[str, str]:
+    """Versions worth recording next to results (woodfisher, torch, python).
+
+    Returns:
+        ``{"woodfisher": ..., "torch": ..., "python": ...}``.
+    """
+    return {"woodfisher": __version__, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Check, before any long work, that a file can be written at ``path``.
+
+    Args:
+        path: The output file.
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        ValueError: If the parent directory is missing or not writable, or ``path`` is a
+            directory.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ValueError(
+            f"output path {path} is a directory; give a file name such as {path}/model.pt"
+        )
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {path}: directory {parent} does not exist; create it first")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".wf-check-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: directory {parent} is not writable ({e})") from e
+    return path
+
+
+def _plain(value: Any) -> Any:
+    """Reduce ``value`` to types ``torch.load(weights_only=True)`` accepts.
+
+    Dicts get string keys, tuples become lists, str subclasses (``torch.__version__``) become
+    ``str`` and numpy scalars Python numbers; anything else is stored as its ``str``.
+    """
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, str):
+        return str(value)
+    for kind in (bool, int, float):
+        if isinstance(value, kind):
+            return kind(value)
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    spec: dict[str, Any],
+    normalisation: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` and its description to ``path`` atomically.
+
+    Args:
+        path: Output file (its directory must exist).
+        model: The model; pruning state (``*_orig`` / ``*_mask``) is kept as it is.
+        spec: How to rebuild the model: ``name``, ``input_shape``, ``num_classes`` and optional
+            ``kwargs`` for :func:`woodfisher.models.build_model`.
+        normalisation: The dataset: ``{"dataset": name, "mean": ..., "std": ...}``.
+        meta: Training metadata (epochs, seed, accuracy, time, ...); versions are added.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: If ``spec`` lacks a key or the directory is not writable.
+    """
+    missing = [k for k in ("name", "input_shape", "num_classes") if k not in spec]
+    if missing:
+        raise ValueError(f"model spec lacks {missing}; need name, input_shape, num_classes")
+    path = check_writable(path)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "model": _plain({"kwargs": {}, **spec}),
+        "dataset": _plain(normalisation or {}),
+        "meta": _plain({**(meta or {}), "versions": versions()}),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def refresh_pruned_weights(model: nn.Module) -> None:
+    """Recompute ``module.weight = weight_orig * weight_mask`` for every pruned tensor.
+
+    ``torch.nn.utils.prune`` refreshes the attribute only in a forward pre-hook, so after
+    ``load_state_dict`` (or a direct write to ``weight_orig``) it is stale until the next
+    forward pass; call this to bring it up to date.
+
+    Args:
+        model: Any module.
+    """
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                setattr(module, hook._tensor_name, hook.apply_mask(module))
+
+
+def _restore_pruning(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    modules = dict(model.named_modules())
+    for key, mask in state.items():
+        if not key.endswith("_mask"):
+            continue
+        prefix, _, tensor = key[: -len("_mask")].rpartition(".")
+        if f"{prefix + '.' if prefix else ''}{tensor}_orig" not in state:
+            continue
+        module = modules.get(prefix)
+        if module is None or not hasattr(module, tensor):
+            raise CheckpointError(
+                f"checkpoint has pruning mask {key!r} but the model has no tensor "
+                f"{prefix}.{tensor}; the model spec does not match the state dict"
+            )
+        if hasattr(module, f"{tensor}_mask"):
+            continue
+        prune.custom_from_mask(module, tensor, mask=mask)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a checkpoint written by :func:`save_checkpoint`.
+
+    Args:
+        path: The file.
+        map_location: Where to put the tensors.
+
+    Returns:
+        ``(model, info)``: the rebuilt model in eval mode (with its pruning masks, if any) and
+        ``info = {"model": spec, "dataset": {...}, "meta": {...}, "path": str}``.
+
+    Raises:
+        CheckpointError: If the file is missing, not loadable with ``weights_only=True``, or
+            not a woodfisher checkpoint matching its model spec.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found (expected a file written by "
+                              "`woodfisher train`)")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for foreign files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path} is not a woodfisher checkpoint: torch.load(weights_only=True) failed "
+            f"({reason[:200]})"
+        ) from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a woodfisher checkpoint (found a {type(payload).__name__} without "
+            f"format={FORMAT!r}); write one with `woodfisher train` or save_checkpoint()"
+        )
+    missing = [k for k in _REQUIRED if k not in payload]
+    spec = payload.get("model", {})
+    if not isinstance(spec, dict):
+        missing.append("model")
+    else:
+        missing += [f"model.{k}" for k in ("name", "input_shape", "num_classes") if k not in spec]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks keys {missing}")
+    state = payload["state_dict"]
+    try:
+        model = build_model(spec["name"], spec["input_shape"], spec["num_classes"],
+                            **spec.get("kwargs", {}))
+        _restore_pruning(model, state)
+        model.load_state_dict(state, strict=True)
+    except CheckpointError:
+        raise
+    except (ValueError, RuntimeError, TypeError) as e:
+        msg = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"checkpoint {path} does not match its model spec: {msg}") from e
+    refresh_pruned_weights(model)
+    model.eval()
+    info = {
+        "model": spec,
+        "dataset": payload.get("dataset", {}),
+        "meta": payload.get("meta", {}),
+        "path": str(path),
+    }
+    return model, info

@@ -1,0 +1,269 @@
+"""Reference networks, built by name.
+
+* ``mlpnet``: MLPNet of the WoodFisher paper, 784-300-100-10 with ReLU (the input width is
+  ``prod(input_shape)``, so 64-300-100-10 on 8×8 digits); ``mlpnet-nobias`` without biases.
+* ``mlpnet-small`` (784-40-20-10) and ``mlpnet-small-nobias``.
+* ``cnn``: two 3×3 conv + BatchNorm + ReLU stages, adaptive pooling, one linear layer.
+* ``resnet20``: CIFAR-shape ResNet-20 (He et al. 2016), 3 stages × 3 basic blocks, 16/32/64
+  channels, option-A (zero-padding) or option-B (1×1 conv) shortcuts.
+
+Every model records its ``input_shape`` and checks it in ``forward`` (see :func:`check_input`).
+
+Example:
+    >>> model = build_model("mlpnet", input_shape=(1, 8, 8))
+    >>> model(torch.zeros(2, 1, 8, 8)).shape
+    torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "CNN",
+    "MLPNet",
+    "MODELS",
+    "ResNet20",
+    "ShapeError",
+    "build_model",
+    "check_input",
+]
+
+
+class ShapeError(ValueError):
+    """Input data does not have the shape a model was built for."""
+
+
+def check_input(model: nn.Module, x: torch.Tensor) -> None:
+    """Check that a batch ``x`` fits ``model``'s recorded ``input_shape``.
+
+    Models without an ``input_shape`` attribute (a user's own) are not checked.
+
+    Args:
+        model: The model.
+        x: A batch of shape ``(N, *input_shape)``.
+
+    Raises:
+        ShapeError: If the shapes differ; the message names both.
+    """
+    expected = getattr(model, "input_shape", None)
+    if expected is None:
+        return
+    got = tuple(x.shape[1:])
+    if x.dim() != len(expected) + 1 or got != tuple(expected):
+        name = getattr(model, "name", type(model).__name__)
+        raise ShapeError(
+            f"model {name} expects input of shape (N, {', '.join(map(str, expected))}), "
+            f"got {tuple(x.shape)}; build the model for this data's input shape "
+            f"(build_model(..., input_shape={got}))"
+        )
+
+
+def _check_shape(input_shape: Sequence[int], need_image: bool, name: str) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in input_shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"input_shape must be positive sizes, got {tuple(input_shape)}")
+    if need_image and len(shape) != 3:
+        raise ValueError(f"model {name} needs input_shape (C, H, W), got {shape}")
+    return shape
+
+
+class MLPNet(nn.Module):
+    """Fully connected ReLU network on the flattened input (fc1, fc2, ..., last layer logits).
+
+    Args:
+        input_shape: Shape of one sample; the first layer has ``prod(input_shape)`` inputs.
+        num_classes: Number of outputs.
+        hidden: Hidden layer widths.
+        bias: Whether the linear layers have biases.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (1, 28, 28),
+        num_classes: int = 10,
+        hidden: Sequence[int] = (300, 100),
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.input_shape = _check_shape(input_shape, False, "mlpnet")
+        self.name = "mlpnet"
+        widths = [math.prod(self.input_shape), *hidden, num_classes]
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True), start=1):
+            setattr(self, f"fc{i}", nn.Linear(a, b, bias=bias))
+        self.num_layers = len(widths) - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        check_input(self, x)
+        x = x.flatten(1)
+        for i in range(1, self.num_layers + 1):
+            x = getattr(self, f"fc{i}")(x)
+            if i < self.num_layers:
+                x = F.relu(x)
+        return x
+
+
+class CNN(nn.Module):
+    """Small CNN: conv3×3-BN-ReLU-maxpool, conv3×3-BN-ReLU-adaptive avgpool(4), linear.
+
+    Works for any ``(C, H, W)`` with ``H, W >= 2`` (28×28 Fashion-MNIST, 8×8 digits).
+
+    Args:
+        input_shape: ``(C, H, W)``.
+        num_classes: Number of outputs.
+        channels: Output channels of the two conv layers.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (1, 28, 28),
+        num_classes: int = 10,
+        channels: Sequence[int] = (16, 32),
+    ) -> None:
+        super().__init__()
+        self.input_shape = _check_shape(input_shape, True, "cnn")
+        self.name = "cnn"
+        c, h, w = self.input_shape
+        if h < 2 or w < 2:
+            raise ValueError(f"model cnn needs H, W >= 2, got input_shape {self.input_shape}")
+        c1, c2 = channels
+        self.conv1 = nn.Conv2d(c, c1, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c2)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.fc = nn.Linear(c2 * 16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        check_input(self, x)
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = self.pool(F.relu(self.bn2(self.conv2(x))))
+        return self.fc(x.flatten(1))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, shortcut: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut_kind = shortcut
+        self.pad = c_out - c_in
+        self.stride = stride
+        self.shortcut: nn.Module = nn.Identity()
+        if (stride != 1 or c_in != c_out) and shortcut == "B":
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def _short(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shortcut_kind == "A" and (self.stride != 1 or self.pad):
+            x = x[:, :, :: self.stride, :: self.stride]
+            return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return self.shortcut(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self._short(x))
+
+
+class ResNet20(nn.Module):
+    """CIFAR ResNet-20: conv3×3(16), 3 stages × 3 basic blocks (16, 32, 64), avgpool, linear.
+
+    Args:
+        input_shape: ``(C, H, W)``; CIFAR is ``(3, 32, 32)``, other sizes work too.
+        num_classes: Number of outputs.
+        shortcut: ``"A"`` (parameter-free zero padding, the paper's CIFAR choice) or ``"B"``
+            (1×1 conv + BN where the shape changes).
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (3, 32, 32),
+        num_classes: int = 10,
+        shortcut: str = "A",
+    ) -> None:
+        super().__init__()
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
+        self.input_shape = _check_shape(input_shape, True, "resnet20")
+        self.name = "resnet20"
+        self.conv1 = nn.Conv2d(self.input_shape[0], 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers, c_in = [], 16
+        for c_out, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for b in range(3):
+                blocks.append(_BasicBlock(c_in, c_out, stride if b == 0 else 1, shortcut))
+                c_in = c_out
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        check_input(self, x)
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _mlp(hidden: tuple[int, ...], bias: bool) -> Callable[..., nn.Module]:
+    def make(input_shape: Sequence[int], num_classes: int, **kw) -> nn.Module:
+        return MLPNet(input_shape, num_classes, hidden=kw.pop("hidden", hidden),
+                      bias=kw.pop("bias", bias), **kw)
+
+    return make
+
+
+#: Name -> constructor ``(input_shape, num_classes, **kwargs) -> nn.Module``.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlpnet": _mlp((300, 100), True),
+    "mlpnet-nobias": _mlp((300, 100), False),
+    "mlpnet-small": _mlp((40, 20), True),
+    "mlpnet-small-nobias": _mlp((40, 20), False),
+    "cnn": lambda input_shape, num_classes, **kw: CNN(input_shape, num_classes, **kw),
+    "resnet20": lambda input_shape, num_classes, **kw: ResNet20(input_shape, num_classes, **kw),
+}
+
+
+def build_model(
+    name: str,
+    input_shape: Sequence[int] = (1, 28, 28),
+    num_classes: int = 10,
+    **kwargs,
+) -> nn.Module:
+    """Build a registered model for a given input shape.
+
+    Args:
+        name: One of ``MODELS``.
+        input_shape: Shape of one sample, e.g. ``DatasetSplits.input_shape``.
+        num_classes: Number of outputs.
+        **kwargs: Passed to the model class (e.g. ``shortcut="B"`` for ``resnet20``).
+
+    Returns:
+        The model, with ``name`` set to the registry name.
+
+    Raises:
+        ValueError: If ``name`` is unknown, or the input shape or keyword arguments do not
+            suit the model.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    try:
+        model = MODELS[name](tuple(input_shape), num_classes, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad keyword arguments {sorted(kwargs)} for model {name!r}: {e}") from e
+    model.name = name
+    return model

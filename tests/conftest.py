@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny IDX files written by the tests themselves."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:
+    """Encode a uint8 array as an IDX file (the oracle is the format spec itself)."""
+    array = np.asarray(array, dtype=np.uint8)
+    magic = (0x0800 | array.ndim) if magic is None else magic
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.tobytes()
+
+
+def write_fashion_dir(
+    directory: Path, n_train: int = 40, n_test: int = 20, gz: bool = False, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Write four small Fashion-MNIST-shaped IDX files; return the arrays written."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, arr in arrays.items():
+        data = idx_bytes(arr)
+        if gz:
+            with gzip.open(directory / f"{name}.gz", "wb") as f:
+                f.write(data)
+        else:
+            (directory / name).write_bytes(data)
+    return arrays
+
+
+@pytest.fixture
+def fashion_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "fmnist"
+    write_fashion_dir(d)
+    return d
