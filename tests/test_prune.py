@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from fake_curvature import fake_build_inverse
 from torch import nn
 from torch.nn.utils import prune as tprune
 
+from fake_curvature import fake_build_inverse
 from woodfisher.params import flat_masks, flat_weights, select_modules, weight_param
 from woodfisher.pruning import METHODS, api, apply_masks, bake, prune
 

@@ -81,5 +81,5 @@ def test_schedule_ends_at_target_and_increases():
     for kind in ("cubic", "linear"):
         steps = schedule(0.2, 0.9, 4, kind)
         assert steps[-1] == 0.9 and len(steps) == 4
-        assert all(a <= b for a, b in zip([0.2, *steps], steps))
+        assert all(a <= b for a, b in zip([0.2, *steps], steps, strict=False))
     assert schedule(0.0, 0.5, 1) == [0.5]

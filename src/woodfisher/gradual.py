@@ -200,7 +200,7 @@ def _epoch_batches(data: Any, batch_size: int, seed: int, epoch: int):
         order = torch.randperm(len(data), generator=gen)
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size].tolist()
-            xs, ys = zip(*(data[i] for i in idx))
+            xs, ys = zip(*(data[i] for i in idx), strict=False)
             yield torch.stack(xs), torch.stack([torch.as_tensor(y) for y in ys])
     else:
         yield from data

@@ -47,9 +47,7 @@ def select_modules(
     layers = [layers] if isinstance(layers, str) else layers
     skip = [skip] if isinstance(skip, str) else list(skip or ())
     candidates = {
-        name: mod
-        for name, mod in model.named_modules()
-        if isinstance(mod, PRUNABLE_TYPES)
+        name: mod for name, mod in model.named_modules() if isinstance(mod, PRUNABLE_TYPES)
     }
     if layers is not None:
         for pattern in layers:
@@ -152,10 +150,14 @@ class Layout:
             ValueError: If the last dimension is not ``d``.
         """
         if flat.shape[-1] != self.d:
-            raise ValueError(f"expected a last dimension of {self.d}, got shape {tuple(flat.shape)}")
+            raise ValueError(
+                f"expected a last dimension of {self.d}, got shape {tuple(flat.shape)}"
+            )
         lead = flat.shape[:-1]
         parts = torch.split(flat, list(self.sizes), dim=-1)
-        return {n: p.reshape(*lead, *s) for n, p, s in zip(self.names, parts, self.shapes)}
+        return {
+            n: p.reshape(*lead, *s) for n, p, s in zip(self.names, parts, self.shapes, strict=False)
+        }
 
     def flatten(self, tensors: dict[str, Tensor] | Iterable[Tensor]) -> Tensor:
         """Concatenate per-layer tensors (in layout order) into one flat vector.
@@ -186,5 +188,9 @@ def flat_masks(modules: dict[str, nn.Module]) -> Tensor:
     for m in modules.values():
         mask = weight_mask(m)
         w = weight_param(m)
-        parts.append((mask != 0).reshape(-1) if mask is not None else torch.ones(w.numel(), dtype=torch.bool, device=w.device))
+        parts.append(
+            (mask != 0).reshape(-1)
+            if mask is not None
+            else torch.ones(w.numel(), dtype=torch.bool, device=w.device)
+        )
     return torch.cat(parts)

@@ -106,7 +106,7 @@ def select_by_sparsity(
     present = present.reshape(-1).to(torch.bool)
     remove = torch.zeros_like(present)
     rest = torch.zeros_like(present)
-    for name, off, size in zip(layout.names, layout.offsets, layout.sizes):
+    for name, off, size in zip(layout.names, layout.offsets, layout.sizes, strict=False):
         sl = slice(off, off + size)
         if name in overrides or scope == "layerwise":
             s = overrides.get(name, sparsity)
