@@ -46,7 +46,8 @@ def resolve_modules(
     named = dict(model.named_modules())
     missing = [n for n in params if n not in named]
     if missing:
-        raise ValueError(f"unknown module names {missing}; available: {sorted(n for n in named if n)}")
+        available = sorted(n for n in named if n)
+        raise ValueError(f"unknown module names {missing}; available: {available}")
     if not params:
         raise ValueError("params is an empty list; pass None to select every Linear/Conv layer")
     return {n: named[n] for n in params}
@@ -100,12 +101,16 @@ def iter_batches(data: object) -> Iterator[tuple[Tensor, Tensor]]:
         return
     for item in data:  # type: ignore[attr-defined]
         if not isinstance(item, (tuple, list)) or len(item) < 2:
-            raise ValueError(f"data must yield (x, y) batches, got an item of type {type(item).__name__}")
+            raise ValueError(
+                f"data must yield (x, y) batches, got an item of type {type(item).__name__}"
+            )
         x, y = item[0], item[1]
         yield torch.as_tensor(x), torch.as_tensor(y)
 
 
-def take_samples(stream: Iterator[tuple[Tensor, Tensor]], n: int, buffer: list) -> tuple[Tensor, Tensor] | None:
+def take_samples(
+    stream: Iterator[tuple[Tensor, Tensor]], n: int, buffer: list
+) -> tuple[Tensor, Tensor] | None:
     """Pull exactly ``n`` samples from ``stream`` (leftovers stay in ``buffer``).
 
     Returns:
@@ -221,7 +226,7 @@ def sample_gradients(
 
     def loss_of(weights: tuple[Tensor, ...], x: Tensor, y: Tensor) -> Tensor:
         full = dict(state)
-        full.update(zip(names, weights))
+        full.update(zip(names, weights, strict=True))
         return loss_fn(functional_call(model, full, (x,)), y)
 
     per_row = vmap(grad(loss_of), in_dims=(None, 0, 0))
@@ -249,7 +254,7 @@ def sample_gradients(
             y = y.reshape(rows, s, *y.shape[1:])
             grads = per_row(weights, x, y)
             flat = []
-            for g, mask in zip(grads, masks):
+            for g, mask in zip(grads, masks, strict=True):
                 # The mask already zeroes these through the forward pre-hook; multiply anyway so
                 # that a model that bypasses the hook still yields exact zeros.
                 g = g * mask if mask is not None else g
@@ -257,7 +262,9 @@ def sample_gradients(
             block = torch.cat(flat, dim=1)
             if not torch.isfinite(block).all():
                 bad = done + int((~torch.isfinite(block)).any(dim=1).nonzero()[0])
-                raise ValueError(f"gradient {bad} is not finite (NaN or Inf); check the loss and data")
+                raise ValueError(
+                    f"gradient {bad} is not finite (NaN or Inf); check the loss and data"
+                )
             out[done:done + rows] = block
             done += rows
             bar.update(rows)
