@@ -84,7 +84,9 @@ class InverseCurvature:
             ValueError: If ``v`` is not of shape (d,) or (d, k).
         """
         if v.ndim not in (1, 2) or v.shape[0] != self.d:
-            raise ValueError(f"expected v of shape ({self.d},) or ({self.d}, k), got {tuple(v.shape)}")
+            raise ValueError(
+                f"expected v of shape ({self.d},) or ({self.d}, k), got {tuple(v.shape)}"
+            )
         V = v.to(self.dtype).reshape(self.d, -1)
         return self._matmat(V).reshape(v.shape)
 
@@ -121,7 +123,9 @@ class InverseCurvature:
         start, stop = self.blocks[b]
         return self.columns(torch.arange(start, stop, device=self.device))[start:stop]
 
-    def constrained_min(self, fixed: Tensor, values: Tensor, linear: Tensor | None = None) -> Tensor:
+    def constrained_min(
+        self, fixed: Tensor, values: Tensor, linear: Tensor | None = None
+    ) -> Tensor:
         """Minimise ``gᵀδ + ½ δᵀ F δ`` subject to ``δ[fixed] = values[fixed]``.
 
         With ``g = 0`` and ``values = -w`` this is the joint Optimal Brain Surgeon step for the

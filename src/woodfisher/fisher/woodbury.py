@@ -5,7 +5,8 @@ by a rank-one update
 
 .. math::
 
-    F_k^{-1} = F_{k-1}^{-1} - \\frac{F_{k-1}^{-1} g_k g_k^T F_{k-1}^{-1}}{m + g_k^T F_{k-1}^{-1} g_k}
+    F_k^{-1} = F_{k-1}^{-1}
+        - \\frac{F_{k-1}^{-1} g_k g_k^T F_{k-1}^{-1}}{m + g_k^T F_{k-1}^{-1} g_k}
 
 so that ``F_m⁻¹ = (damp·I + (1/m) Σ g gᵀ)⁻¹`` exactly. It is sequential over samples and costs
 ``O(m B²)`` per block; :mod:`woodfisher.fisher.blocks` computes the same numbers fast. This module
