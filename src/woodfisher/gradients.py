@@ -1,0 +1,271 @@
+"""Per-sample (or per-mini-batch) loss gradients of the selected weights, as one (m, d) matrix.
+
+The rows are what the empirical Fisher is built from (see ``DESIGN.md``):
+``F = damp·I + (1/m)·Σ g gᵀ``. Gradients come from ``torch.func`` (``functional_call`` +
+``vmap(grad)``), a chunk of rows at a time so that memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from woodfisher.params import Layout, select_modules, weight_mask, weight_param
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def resolve_modules(
+    model: nn.Module, params: Sequence[str] | dict[str, nn.Module] | None = None
+) -> dict[str, nn.Module]:
+    """The modules whose weights take part.
+
+    Args:
+        model: The network.
+        params: None for every Linear/Conv layer, a list of module names, or a dict from
+            :func:`woodfisher.params.select_modules`.
+
+    Returns:
+        Module name to module, in order.
+
+    Raises:
+        ValueError: If a name is not a submodule of ``model`` or the list is empty.
+    """
+    if params is None:
+        return select_modules(model)
+    if isinstance(params, dict):
+        return dict(params)
+    if isinstance(params, str):
+        params = [params]
+    named = dict(model.named_modules())
+    missing = [n for n in params if n not in named]
+    if missing:
+        available = sorted(n for n in named if n)
+        raise ValueError(f"unknown module names {missing}; available: {available}")
+    if not params:
+        raise ValueError("params is an empty list; pass None to select every Linear/Conv layer")
+    return {n: named[n] for n in params}
+
+
+def gradient_layout(
+    model: nn.Module, params: Sequence[str] | dict[str, nn.Module] | None = None
+) -> tuple[dict[str, nn.Module], Layout]:
+    """The modules and the flat layout that :func:`sample_gradients` uses for its columns.
+
+    Returns:
+        ``(modules, layout)``; ``layout.d`` is the number of columns of the gradients.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> gradient_layout(net)[1].sizes
+        (12, 6)
+    """
+    modules = resolve_modules(model, params)
+    return modules, Layout.of(modules)
+
+
+def iter_batches(data: object) -> Iterator[tuple[Tensor, Tensor]]:
+    """Turn ``data`` into a stream of ``(x, y)`` batches.
+
+    A ``torch.utils.data.Dataset`` (not a DataLoader) yields single samples, which become
+    batches of one; a pair ``(X, Y)`` of tensors is one batch; anything else is iterated as
+    batches.
+
+    Args:
+        data: A Dataset, a DataLoader, an iterable of ``(x, y)`` batches or a pair of tensors.
+
+    Yields:
+        ``(x, y)`` with a leading batch dimension.
+
+    Raises:
+        ValueError: If an item is not an ``(x, y)`` pair.
+    """
+    if isinstance(data, Dataset) and not isinstance(data, DataLoader):
+        for i in range(len(data)):  # type: ignore[arg-type]
+            x, y = data[i]
+            yield torch.as_tensor(x).unsqueeze(0), torch.as_tensor(y).reshape(1)
+        return
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and all(isinstance(t, Tensor) for t in data)
+        and data[0].shape[:1] == data[1].shape[:1]
+    ):
+        yield data[0], data[1]
+        return
+    for item in data:  # type: ignore[attr-defined]
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise ValueError(
+                f"data must yield (x, y) batches, got an item of type {type(item).__name__}"
+            )
+        x, y = item[0], item[1]
+        yield torch.as_tensor(x), torch.as_tensor(y)
+
+
+def take_samples(
+    stream: Iterator[tuple[Tensor, Tensor]], n: int, buffer: list
+) -> tuple[Tensor, Tensor] | None:
+    """Pull exactly ``n`` samples from ``stream`` (leftovers stay in ``buffer``).
+
+    Returns:
+        ``(x, y)`` with ``n`` rows, or None if the stream ran out first (``buffer`` then holds
+        what was found).
+    """
+    have = sum(b[0].shape[0] for b in buffer)
+    while have < n:
+        try:
+            x, y = next(stream)
+        except StopIteration:
+            return None
+        buffer.append((x, y))
+        have += x.shape[0]
+    x = torch.cat([b[0] for b in buffer])
+    y = torch.cat([b[1] for b in buffer])
+    buffer.clear()
+    if x.shape[0] > n:
+        buffer.append((x[n:], y[n:]))
+    return x[:n], y[:n]
+
+
+def _default_loss(out: Tensor, y: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(out, y)
+
+
+class _EvalMode:
+    """Put every submodule in eval mode and restore each one's own mode afterwards."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.modes: list[tuple[nn.Module, bool]] = []
+
+    def __enter__(self) -> None:
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for m, mode in self.modes:
+            m.training = mode
+
+
+def _param_names(model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
+    """Full parameter names (``fc1.weight`` or ``fc1.weight_orig``) of the selected weights."""
+    ids = {id(p): n for n, p in model.named_parameters()}
+    names = []
+    for mname, mod in modules.items():
+        p = weight_param(mod)
+        if id(p) not in ids:
+            raise ValueError(f"module {mname!r} is not part of the model's parameters")
+        names.append(ids[id(p)])
+    return names
+
+
+def sample_gradients(
+    model: nn.Module,
+    data: object,
+    loss_fn: LossFn | None = None,
+    num_grads: int = 100,
+    samples_per_grad: int = 1,
+    params: Sequence[str] | dict[str, nn.Module] | None = None,
+    seed: int = 0,
+    chunk_size: int = 64,
+    progress: bool = False,
+) -> Tensor:
+    """Loss gradients of the selected weights, one row per sample (or per mini-batch).
+
+    Row ``i`` is the gradient of ``loss_fn`` over samples ``i·s … i·s + s − 1`` (``s =
+    samples_per_grad``, the paper's fisher-mini-bsz) with respect to the flat weights in the
+    order of :func:`gradient_layout`. Samples are taken from ``data`` in the order given; shuffle
+    the data yourself for a random subset. The model runs in eval mode (BatchNorm uses its
+    running statistics, dropout is off) and every submodule's mode is restored afterwards.
+    Pruned entries (``weight_mask == 0``) are exactly zero.
+
+    Args:
+        model: The network; gradients have its device and dtype.
+        data: A Dataset, a DataLoader, an iterable of ``(x, y)`` batches or a pair ``(X, Y)``.
+        loss_fn: ``loss_fn(output, target) -> scalar``, a mean over the batch; default
+            cross-entropy.
+        num_grads: Number of rows ``m``.
+        samples_per_grad: Samples averaged into each row.
+        params: None for every Linear/Conv weight, module names, or a dict of modules.
+        seed: Seeds torch's random number generator (forked, so the global state is left alone)
+            for any randomness inside the model; the sample order does not depend on it.
+        chunk_size: Rows computed in one vectorised call (bounds memory).
+        progress: Show a progress bar on stderr.
+
+    Returns:
+        A (num_grads, d) tensor.
+
+    Raises:
+        ValueError: If an argument is out of range, ``data`` holds fewer than
+            ``num_grads·samples_per_grad`` samples, or a gradient is not finite.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> X, Y = torch.randn(10, 4), torch.randint(0, 2, (10,))
+        >>> sample_gradients(net, (X, Y), num_grads=5, samples_per_grad=2).shape
+        torch.Size([5, 18])
+    """
+    for name, val in (("num_grads", num_grads), ("samples_per_grad", samples_per_grad),
+                      ("chunk_size", chunk_size)):
+        if isinstance(val, bool) or int(val) != val or val < 1:
+            raise ValueError(f"{name} must be a positive integer, got {val!r}")
+    loss_fn = loss_fn or _default_loss
+    modules, layout = gradient_layout(model, params)
+    names = _param_names(model, modules)
+    masks = [weight_mask(m) for m in modules.values()]
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    state = {k: v.detach() for k, v in state.items()}
+    first = weight_param(next(iter(modules.values())))
+    device, dtype = first.device, first.dtype
+
+    def loss_of(weights: tuple[Tensor, ...], x: Tensor, y: Tensor) -> Tensor:
+        full = dict(state)
+        full.update(zip(names, weights, strict=True))
+        return loss_fn(functional_call(model, full, (x,)), y)
+
+    per_row = vmap(grad(loss_of), in_dims=(None, 0, 0))
+    weights = tuple(state[n] for n in names)
+    s = samples_per_grad
+    out = torch.empty(num_grads, layout.d, dtype=dtype, device=device)
+    stream, buffer = iter_batches(data), []
+    done = 0
+    bar = tqdm(total=num_grads, desc="gradients", file=sys.stderr, disable=not progress)
+    with _EvalMode(model), torch.random.fork_rng(devices=[]), bar:
+        torch.manual_seed(seed)
+        while done < num_grads:
+            rows = min(chunk_size, num_grads - done)
+            got = take_samples(stream, rows * s, buffer)
+            if got is None:
+                found = done * s + sum(b[0].shape[0] for b in buffer)
+                raise ValueError(
+                    f"data ran out: num_grads={num_grads} × samples_per_grad={s} needs "
+                    f"{num_grads * s} samples, found {found}"
+                )
+            x, y = got
+            x = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+            y = y.to(device)
+            x = x.reshape(rows, s, *x.shape[1:])
+            y = y.reshape(rows, s, *y.shape[1:])
+            grads = per_row(weights, x, y)
+            flat = []
+            for g, mask in zip(grads, masks, strict=True):
+                # The mask already zeroes these through the forward pre-hook; multiply anyway so
+                # that a model that bypasses the hook still yields exact zeros.
+                g = g * mask if mask is not None else g
+                flat.append(g.reshape(rows, -1))
+            block = torch.cat(flat, dim=1)
+            if not torch.isfinite(block).all():
+                bad = done + int((~torch.isfinite(block)).any(dim=1).nonzero()[0])
+                raise ValueError(
+                    f"gradient {bad} is not finite (NaN or Inf); check the loss and data"
+                )
+            out[done:done + rows] = block
+            done += rows
+            bar.update(rows)
+    return out
