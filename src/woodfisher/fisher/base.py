@@ -51,6 +51,25 @@ def make_blocks(sizes: Sequence[int], block_size: int | None) -> tuple[tuple[int
     return tuple(out)
 
 
+def spd_inverse(F: Tensor) -> Tensor:
+    """Inverse of a (batch of) symmetric positive definite matrices via Cholesky.
+
+    ``torch.cholesky_inverse`` is many times slower than a triangular solve plus a matmul on
+    CPU for batches of 1000×1000 blocks (measured 5.4 s vs 0.5 s for 8 blocks), so this
+    inverts the factor and multiplies.
+
+    Args:
+        F: (..., n, n) symmetric positive definite.
+
+    Returns:
+        ``F⁻¹`` of the same shape.
+    """
+    L = torch.linalg.cholesky(F)
+    eye = torch.eye(F.shape[-1], dtype=F.dtype, device=F.device).expand_as(F)
+    Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+    return Linv.transpose(-1, -2) @ Linv
+
+
 class InverseCurvature:
     """A block-diagonal inverse curvature ``F⁻¹`` of a length-``d`` parameter vector.
 

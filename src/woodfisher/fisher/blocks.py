@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from woodfisher.fisher.base import InverseCurvature, make_blocks
+from woodfisher.fisher.base import InverseCurvature, make_blocks, spd_inverse
 from woodfisher.fisher.memory import (
     ALGORITHMS,
     CHUNK_ELEMENTS,
@@ -240,7 +240,7 @@ class EmpiricalFisherInverse(InverseCurvature):
                 else:
                     F = G.transpose(1, 2) @ G / m
                     F.diagonal(dim1=1, dim2=2).add_(lam)
-                    grp.factor[sl] = torch.cholesky_inverse(torch.linalg.cholesky(F))
+                    grp.factor[sl] = spd_inverse(F)
             for j, b in enumerate(ids):
                 self._where[b] = (len(self._groups), j)
             self._groups.append(grp)

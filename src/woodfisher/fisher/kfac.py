@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from woodfisher.fisher.base import InverseCurvature
+from woodfisher.fisher.base import InverseCurvature, spd_inverse
 from woodfisher.fisher.blocks import check_damp
 from woodfisher.gradients import LossFn, _EvalMode, gradient_layout, iter_batches
 from woodfisher.params import Layout
@@ -97,8 +97,8 @@ class KFACInverse(InverseCurvature):
             eye_a = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
             eye_s = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
             self.A[name], self.S[name], self.pi[name] = A, S, pi
-            self.A_inv[name] = torch.cholesky_inverse(torch.linalg.cholesky(A + pi * root * eye_a))
-            self.S_inv[name] = torch.cholesky_inverse(torch.linalg.cholesky(S + root / pi * eye_s))
+            self.A_inv[name] = spd_inverse(A + pi * root * eye_a)
+            self.S_inv[name] = spd_inverse(S + root / pi * eye_s)
             sizes.append(A.shape[0] * S.shape[0])
         first = next(iter(factors.values()))[0]
         self.dtype, self.device = first.dtype, first.device
