@@ -27,6 +27,8 @@ from rich.table import Table
 
 from woodfisher.data import DATASETS
 from woodfisher.models import MODELS
+from woodfisher.pruning.methods import DEFAULTS as _DEFAULTS
+from woodfisher.pruning.methods import METHODS as _METHODS
 
 __all__ = ["app", "user_errors", "user_error_context"]
 
@@ -101,6 +103,25 @@ def _layer_table(layers: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _checkpoint_and_data(
+    checkpoint: Path, dataset: str | None, data_dir: Path | None
+) -> tuple[Any, dict[str, Any], Any]:
+    """Load a checkpoint and its dataset (or ``dataset``), normalised as it was trained."""
+    from woodfisher.checkpoint import load_checkpoint
+    from woodfisher.data import load_dataset
+
+    model, info = load_checkpoint(checkpoint)
+    saved = info["dataset"]
+    name = dataset or saved.get("dataset")
+    if not name:
+        raise ValueError(f"checkpoint {checkpoint} names no dataset; pass --dataset "
+                         f"({', '.join(sorted(DATASETS))})")
+    same = name == saved.get("dataset") and "mean" in saved
+    splits = load_dataset(name, data_dir=None if data_dir is None else str(data_dir),
+                          normalisation=saved if same else None)
+    return model, info, splits
+
+
 MODEL_HELP = f"Model name: {', '.join(sorted(MODELS))}."
 DATASET_HELP = f"Dataset name: {', '.join(sorted(DATASETS))}."
 DATA_DIR_HELP = (
@@ -168,20 +189,11 @@ def evaluate(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Print test accuracy, loss and per-layer sparsity of CHECKPOINT."""
-    from woodfisher.checkpoint import load_checkpoint
-    from woodfisher.data import load_dataset
     from woodfisher.train import evaluate as evaluate_model
     from woodfisher.train import sparsity_report
 
-    model, info = load_checkpoint(checkpoint)
-    saved = info["dataset"]
-    name = dataset or saved.get("dataset")
-    if not name:
-        raise ValueError(f"checkpoint {checkpoint} names no dataset; pass --dataset "
-                         f"({', '.join(sorted(DATASETS))})")
-    same = name == saved.get("dataset") and "mean" in saved
-    splits = load_dataset(name, data_dir=None if data_dir is None else str(data_dir),
-                          normalisation=saved if same else None)
+    model, info, splits = _checkpoint_and_data(checkpoint, dataset, data_dir)
+    name = splits.name
     result = evaluate_model(model, splits.test)
     report = sparsity_report(model)
     out = {"checkpoint": str(checkpoint), "model": info["model"]["name"], "dataset": name,
@@ -233,6 +245,198 @@ def demo(
                   f"loss {res['loss']:.4f}")
     console.print(_layer_table(res["layers"]))
     console.print(f"checkpoint: {res['checkpoint']}")
+
+
+def _parse_damp(damp: str | None) -> float | str | None:
+    if damp is None or damp in ("auto", "relative"):
+        return None if damp in (None, "relative") else "auto"
+    try:
+        return float(damp)
+    except ValueError:
+        raise ValueError(
+            f"--damp must be a positive number, 'auto' or 'relative', got {damp!r}"
+        ) from None
+
+
+def _parse_floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+METHOD_HELP = "Pruning method: " + ", ".join(sorted(_METHODS)) + "."
+UPDATE_HELP = ("Weight update: none, independent (the paper's summed single-weight OBS steps) or "
+               "joint (exact OBS per block). Default: joint for second-order methods.")
+DAMP_HELP = ("Dampening of the Fisher: a number (absolute), 'relative' (1e-2 x its mean diagonal, "
+             "the default) or 'auto' (pick by held-out loss).")
+
+
+@app.command()
+@user_errors
+def prune(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to prune.")],
+    sparsity: Annotated[float, typer.Option(help="Fraction of selected weights to zero.")] = 0.9,
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "woodfisher",
+    update: Annotated[str | None, typer.Option(help=UPDATE_HELP)] = None,
+    scope: Annotated[str, typer.Option(help="global (one threshold) or layerwise.")] = "global",
+    num_grads: Annotated[int | None, typer.Option(help="Gradients sampled for the Fisher.")] = None,
+    samples_per_grad: Annotated[int, typer.Option(help="Samples averaged per gradient.")] = 1,
+    block_size: Annotated[int | None, typer.Option(help="Fisher block size.")] = _DEFAULTS[
+        "block_size"
+    ],
+    damp: Annotated[str | None, typer.Option(help=DAMP_HELP)] = None,
+    recompute: Annotated[int, typer.Option(help="Reach the target in this many steps.")] = (
+        _DEFAULTS["recompute"]
+    ),
+    layers: Annotated[list[str] | None, typer.Option(help="Module name patterns to prune.")] = None,
+    skip: Annotated[list[str] | None, typer.Option(help="Module name patterns to skip.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sample draw.")] = 0,
+    data_dir: Annotated[Path | None, typer.Option(help=DATA_DIR_HELP)] = None,
+    out: Annotated[Path | None, typer.Option(help="Pruned checkpoint to write (and OUT.json).")] = (
+        None
+    ),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Prune CHECKPOINT one-shot; print a table and write the pruned model and a JSON report."""
+    import copy
+
+    from woodfisher.checkpoint import check_writable, save_checkpoint
+    from woodfisher.compare import pruning_batches
+    from woodfisher.pruning import prune as prune_model
+    from woodfisher.train import evaluate as evaluate_model
+    from woodfisher.train import sparsity_report
+
+    if out is not None:
+        check_writable(out)
+        check_writable(out.with_suffix(".json"))
+    model, info, splits = _checkpoint_and_data(checkpoint, None, data_dir)
+    before = evaluate_model(model, splits.test)
+    grads = num_grads or _DEFAULTS["num_grads"]
+    batches = pruning_batches(splits.train, grads * samples_per_grad + 1000, seed)
+    pruned = copy.deepcopy(model)
+    result = prune_model(
+        pruned, batches, sparsity, method=method, update=update, scope=scope,
+        num_grads=num_grads, samples_per_grad=samples_per_grad, block_size=block_size,
+        damp=_parse_damp(damp), recompute=recompute, layers=layers or None, skip=skip or None,
+        seed=seed, progress=not quiet,
+    )
+    after = evaluate_model(pruned, splits.test)
+    report = {"checkpoint": str(checkpoint), "model": info["model"]["name"],
+              "dataset": splits.name, "before": before, "after": after,
+              "sparsity": sparsity_report(pruned)["sparsity"], "prune": result.to_dict()}
+    if out is not None:
+        save_checkpoint(out, pruned, info["model"], info["dataset"],
+                        {**info["meta"], "pruning": result.to_dict(), "test_accuracy":
+                         after["accuracy"], "test_loss": after["loss"]})
+        _write_json(out.with_suffix(".json"), report)
+        report["out"] = str(out)
+    if json_out:
+        typer.echo(json.dumps(report))
+        return
+    console = _stdout()
+    table = Table(title=f"{method} ({result.update} update) to {sparsity:.0%}")
+    for col in ("layer", "shape", "params", "sparsity"):
+        table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
+    for layer in result.layers:
+        table.add_row(layer.name, "×".join(map(str, layer.shape)), str(layer.numel),
+                      f"{layer.sparsity:.2%}")
+    console.print(table)
+    console.print(f"accuracy {before['accuracy']:.2%} -> {after['accuracy']:.2%}, "
+                  f"loss {before['loss']:.4f} -> {after['loss']:.4f}, overall sparsity "
+                  f"{result.sparsity:.2%}; phases: "
+                  + ", ".join(f"{k} {v:.1f} s" for k, v in result.times.items()))
+    if out is not None:
+        console.print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+def _compare_table(report: dict[str, Any]) -> Table:
+    sparsities = sorted({r["sparsity"] for r in report["rows"]})
+    table = Table(title=f"test accuracy (%) after one-shot pruning; dense "
+                        f"{100 * report['dense']['accuracy']:.2f}")
+    table.add_column("method")
+    for s in sparsities:
+        table.add_column(f"{s:.0%}", justify="right")
+    for method in dict.fromkeys(r["method"] for r in report["rows"]):
+        acc = {r["sparsity"]: r["accuracy"] for r in report["rows"] if r["method"] == method}
+        table.add_row(method, *(f"{100 * acc[s]:.2f}" if s in acc else "" for s in sparsities))
+    return table
+
+
+@app.command()
+@user_errors
+def compare(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to prune.")],
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = (
+        "magnitude,diag-fisher,kfac,woodfisher"
+    ),
+    sparsities: Annotated[str, typer.Option(help="Comma-separated sparsities.")] = (
+        "0.5,0.7,0.8,0.9,0.95,0.98"
+    ),
+    update: Annotated[str | None, typer.Option(help=UPDATE_HELP)] = None,
+    num_grads: Annotated[int | None, typer.Option(help="Gradients sampled for the Fisher.")] = None,
+    block_size: Annotated[int | None, typer.Option(help="Fisher block size.")] = _DEFAULTS[
+        "block_size"
+    ],
+    damp: Annotated[str | None, typer.Option(help=DAMP_HELP)] = None,
+    recompute: Annotated[int, typer.Option(help="Reach each target in this many steps.")] = (
+        _DEFAULTS["recompute"]
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the sample draw.")] = 0,
+    data_dir: Annotated[Path | None, typer.Option(help=DATA_DIR_HELP)] = None,
+    out: Annotated[Path, typer.Option(help="JSON report to write (and a PNG beside it).")] = Path(
+        "compare.json"
+    ),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Prune CHECKPOINT with several methods at several sparsities; table, JSON and plot."""
+    from woodfisher.checkpoint import check_writable
+    from woodfisher.compare import compare as run_compare
+    from woodfisher.compare import plot_compare
+
+    check_writable(out)
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    model, info, splits = _checkpoint_and_data(checkpoint, None, data_dir)
+    options = {"update": update, "num_grads": num_grads, "block_size": block_size,
+               "damp": _parse_damp(damp), "recompute": recompute}
+    report = run_compare(model, splits, method_list, _parse_floats(sparsities, "--sparsities"),
+                         seed=seed, options=options, log=_stderr_log(quiet))
+    report["checkpoint"] = str(checkpoint)
+    _write_json(out, report)
+    png = plot_compare(report, out.with_suffix(".png"),
+                       title=f"{info['model']['name']} on {splits.name}, one-shot")
+    console = _stdout()
+    console.print(_compare_table(report))
+    console.print(f"wrote {out} and {png}")
+
+
+@app.command("analyze-hessian")
+@user_errors
+def analyze_hessian(
+    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("hessian-study.png"),
+    damp: Annotated[float, typer.Option(help="Dampening added to every estimate.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+) -> None:
+    """Compare WoodFisher, diagonal Fisher and K-FAC with the exact Hessian of a small MLP."""
+    from woodfisher.checkpoint import check_writable
+    from woodfisher.fisher.study import analyze_hessian as run_study
+    from woodfisher.fisher.study import print_hessian_table
+
+    check_writable(out)
+    rows = run_study(out_png=out, seed=seed, damp=damp)
+    if json_out:
+        typer.echo(json.dumps(rows))
+        return
+    print_hessian_table(rows, console=_stdout())
+    _stdout().print(f"wrote {out}")
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m woodfisher.cli`

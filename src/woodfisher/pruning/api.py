@@ -409,7 +409,7 @@ def prune(
     samples_per_grad: int = DEFAULTS["samples_per_grad"],
     block_size: int | None = DEFAULTS["block_size"],
     damp: float | str | None = None,
-    recompute: int = 1,
+    recompute: int = DEFAULTS["recompute"],
     seed: int = 0,
     val_data: Iterable | None = None,
     progress: bool = False,

@@ -36,6 +36,8 @@ DEFAULTS: dict[str, object] = {
     "kfac_num_batches": 50,
     # The absolute damp K-FAC gets when damp=None (its factors are not on the EF scale).
     "kfac_damp": 1e-3,
+    # Steps to reach a one-shot target, with fresh gradients and inverse between them.
+    "recompute": 1,
     # Recomputation schedule: "cubic" (Zhu & Gupta's polynomial, larger steps first) or "linear".
     "schedule": "cubic",
 }
