@@ -55,7 +55,9 @@ __all__ = [
     "GradualError",
     "GradualResult",
     "gradual",
+    "output_paths",
     "plot_history",
+    "run_gradual",
     "save_log",
 ]
 
@@ -546,3 +548,96 @@ def plot_history(history: list[dict[str, Any]], path: str | os.PathLike) -> Path
     finally:
         plt.close(fig)
     return path
+
+
+def output_paths(out: str | os.PathLike) -> dict[str, Path]:
+    """Files a CLI gradual run writes next to its output checkpoint ``out``.
+
+    Args:
+        out: The output checkpoint, e.g. ``runs/g.pt``.
+
+    Returns:
+        ``{"checkpoint": g.pt, "resume": g.resume.pt, "log": g.json, "plot": g.png}``.
+    """
+    out = Path(out)
+    return {"checkpoint": out, "resume": out.with_suffix(".resume.pt"),
+            "log": out.with_suffix(".json"), "plot": out.with_suffix(".png")}
+
+
+def run_gradual(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    resume: bool = False,
+    data_dir: str | None = None,
+    progress: bool = True,
+    **config: Any,
+) -> dict[str, Any]:
+    """Load a checkpoint and its dataset, run :func:`gradual`, and write its files.
+
+    Writes the pruned checkpoint ``out`` (loadable by ``woodfisher evaluate``), its resume
+    file (after every epoch), a JSON log of every epoch (after every epoch) and a PNG of
+    accuracy and sparsity against epoch; see :func:`output_paths`.
+
+    Args:
+        checkpoint: A checkpoint written by ``woodfisher train`` (or ``save_checkpoint``).
+        out: The output checkpoint; default ``<checkpoint stem>-gradual.pt`` beside it.
+        resume: Continue from ``out``'s resume file.
+        data_dir: Directory of the dataset files.
+        progress: Progress bars on stderr.
+        **config: Fields of :class:`GradualConfig`.
+
+    Returns:
+        A JSON-ready summary: paths, accuracy, dense accuracy, sparsity, history.
+
+    Raises:
+        ValueError: On bad input (any :class:`GradualError`, a bad checkpoint or dataset, an
+            unwritable output), before any long work where it can be checked up front.
+    """
+    from woodfisher.checkpoint import check_writable, load_checkpoint, save_checkpoint
+    from woodfisher.data import load_dataset
+    from woodfisher.train import evaluate, sparsity_report
+
+    try:
+        cfg = GradualConfig(**config)
+    except TypeError as e:
+        raise GradualError(f"bad gradual option: {e}") from None
+    cfg.steps()
+    checkpoint = Path(checkpoint)
+    out = Path(out) if out is not None else checkpoint.with_name(f"{checkpoint.stem}-gradual.pt")
+    paths = output_paths(out)
+    if paths["checkpoint"].resolve() == checkpoint.resolve():
+        raise GradualError(f"--out {out} would overwrite the input checkpoint; pick another name")
+    for p in paths.values():
+        check_writable(p)
+    model, info = load_checkpoint(checkpoint)
+    saved = info["dataset"]
+    if not saved.get("dataset"):
+        raise GradualError(f"checkpoint {checkpoint} names no dataset to fine-tune on")
+    splits = load_dataset(saved["dataset"], data_dir=data_dir,
+                          normalisation=saved if "mean" in saved else None)
+    dense = evaluate(model, splits.test)
+
+    def write_log(history: list[dict[str, Any]]) -> None:
+        save_log({"checkpoint": str(checkpoint), "config": asdict(cfg),
+                  "dense_accuracy": dense["accuracy"], "history": history}, paths["log"])
+
+    result = gradual(model, splits.train, cfg, test_data=splits.test,
+                     resume_path=paths["resume"], resume=resume, progress=progress,
+                     callback=write_log)
+    final = evaluate(model, splits.test)
+    report = sparsity_report(model)
+    meta = {"gradual": asdict(cfg), "source": str(checkpoint), "history": result.history,
+            "test_accuracy": final["accuracy"], "test_loss": final["loss"],
+            "dense_accuracy": dense["accuracy"]}
+    save_checkpoint(paths["checkpoint"], model, info["model"], saved, meta)
+    write_log(result.history)
+    plot_history(result.history, paths["plot"])
+    return {
+        **{k: str(v) for k, v in paths.items()},
+        "method": cfg.method, "epochs": cfg.epochs, "seed": cfg.seed,
+        "accuracy": final["accuracy"], "loss": final["loss"],
+        "dense_accuracy": dense["accuracy"], "sparsity": report["sparsity"],
+        "pruned_sparsity": result.final["sparsity"], "resumed_from": result.resumed_from,
+        "history": result.history,
+    }
