@@ -465,9 +465,9 @@ def _fine_tune_epoch(
             loss = loss_fn(out, y)
             if not torch.isfinite(loss):
                 raise GradualError(
-                    f"non-finite fine-tuning loss ({float(loss)}) in epoch {epoch + 1}, batch "
-                    f"{i + 1}; stopped. The resume file of the last good epoch is kept: lower "
-                    f"the learning rate (now {config.lr}) and start again"
+                    f"non-finite fine-tuning loss ({float(loss.detach())}) in epoch {epoch + 1}, "
+                    f"batch {i + 1}; stopped. The resume file of the last good epoch is kept: "
+                    f"lower the learning rate (now {config.lr}) and start again"
                 )
             loss.backward()
             optimizer.step()
