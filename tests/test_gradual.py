@@ -285,6 +285,7 @@ def test_cli_resume_mismatch_and_foreign_file_exit_2(digits_ckpt, tmp_path):
     assert res.exit_code == 2 and "not a gradual resume file" in res.output
 
 
+@pytest.mark.slow  # 33-92 s measured on the shared 2-core machine (a fresh process imports torch)
 def test_sigkill_then_resume_equals_uninterrupted(digits_ckpt, tmp_path):
     """Kill a real CLI run with SIGKILL mid-way, resume it, compare with an uninterrupted run."""
     ref, cut = tmp_path / "ref.pt", tmp_path / "cut.pt"
