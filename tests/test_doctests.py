@@ -7,7 +7,13 @@ import importlib
 
 import pytest
 
-MODULES = ["woodfisher.data", "woodfisher.models", "woodfisher.checkpoint", "woodfisher.train"]
+MODULES = [
+    "woodfisher.data",
+    "woodfisher.models",
+    "woodfisher.checkpoint",
+    "woodfisher.train",
+    "woodfisher.gradual",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -36,9 +36,11 @@ from woodfisher.models import build_model
 __all__ = [
     "FORMAT",
     "CheckpointError",
+    "atomic_save",
     "check_writable",
     "load_checkpoint",
     "refresh_pruned_weights",
+    "restore_pruning",
     "save_checkpoint",
     "versions",
 ]
@@ -88,6 +90,38 @@ def check_writable(path: str | os.PathLike) -> Path:
             pass
     except OSError as e:
         raise ValueError(f"cannot write {path}: directory {parent} is not writable ({e})") from e
+    return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` ``obj`` to ``path`` so that ``path`` is never half-written.
+
+    The data goes to a temporary file in the same directory, is flushed and fsynced, then
+    renamed over ``path`` with ``os.replace`` (atomic on POSIX): a crash or SIGKILL at any
+    moment leaves either the old file or the new one, and no temporary file on error.
+
+    Args:
+        obj: Anything ``torch.save`` accepts (keep it loadable with ``weights_only=True``).
+        path: The destination; its directory must exist.
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        OSError: If the directory is missing or not writable (the destination is untouched).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     return path
 
 
@@ -150,18 +184,7 @@ def save_checkpoint(
         "dataset": _plain(normalisation or {}),
         "meta": _plain({**(meta or {}), "versions": versions()}),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_save(payload, path)
 
 
 def refresh_pruned_weights(model: nn.Module) -> None:
@@ -180,7 +203,20 @@ def refresh_pruned_weights(model: nn.Module) -> None:
                 setattr(module, hook._tensor_name, hook.apply_mask(module))
 
 
-def _restore_pruning(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def restore_pruning(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give ``model`` the ``torch.nn.utils.prune`` state that ``state`` was saved with.
+
+    For every ``X_mask`` with its ``X_orig`` in ``state``, re-create the reparametrisation with
+    ``prune.custom_from_mask`` (tensors already pruned are left alone), so that
+    ``model.load_state_dict(state)`` then finds ``X_orig`` and ``X_mask``.
+
+    Args:
+        model: A freshly built model of the same architecture.
+        state: A state dict saved from the (possibly pruned) model.
+
+    Raises:
+        CheckpointError: If a mask names a tensor the model does not have.
+    """
     modules = dict(model.named_modules())
     for key, mask in state.items():
         if not key.endswith("_mask"):
@@ -245,7 +281,7 @@ def load_checkpoint(
     try:
         model = build_model(spec["name"], spec["input_shape"], spec["num_classes"],
                             **spec.get("kwargs", {}))
-        _restore_pruning(model, state)
+        restore_pruning(model, state)
         model.load_state_dict(state, strict=True)
     except CheckpointError:
         raise

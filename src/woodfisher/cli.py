@@ -439,6 +439,78 @@ def analyze_hessian(
     _stdout().print(f"wrote {out}")
 
 
+@app.command()
+@user_errors
+def gradual(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Trained checkpoint (from `woodfisher train`).")
+    ] = None,
+    checkpoint_opt: Annotated[
+        Path | None, typer.Option("--checkpoint", help="The checkpoint, as an option.")
+    ] = None,
+    sparsity: Annotated[float, typer.Option(help="Final sparsity of the pruned weights.")] = 0.9,
+    initial_sparsity: Annotated[float, typer.Option(help="Target of the first step.")] = 0.5,
+    epochs: Annotated[int, typer.Option(help="Epochs in all (pruning + fine-tuning).")] = 10,
+    start: Annotated[int, typer.Option(help="Epoch of the first pruning step (0-based).")] = 0,
+    end: Annotated[
+        int | None, typer.Option(help="Epoch of the last pruning step (default ~2/3 in).")
+    ] = None,
+    prune_every: Annotated[int, typer.Option(help="Epochs between pruning steps.")] = 1,
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "woodfisher",
+    lr: Annotated[float, typer.Option(help="Peak fine-tuning learning rate (cosine).")] = 0.01,
+    batch_size: Annotated[int, typer.Option(help="Fine-tuning batch size.")] = 128,
+    num_grads: Annotated[
+        int | None, typer.Option(help="Gradients per pruning step (default: the method's).")
+    ] = None,
+    block_size: Annotated[
+        int | None, typer.Option(help="Fisher block size (default: the method's).")
+    ] = None,
+    damp: Annotated[
+        str | None, typer.Option(help="Absolute damp, or 'auto' (default: relative 1e-2).")
+    ] = None,
+    update: Annotated[
+        str | None, typer.Option(help="OBS update: none, independent or joint.")
+    ] = None,
+    train_subset: Annotated[
+        int | None, typer.Option(help="Use only the first N training samples.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output checkpoint (default: CHECKPOINT-gradual.pt); the resume file, "
+                          "JSON log and PNG plot are written next to it."),
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT's resume file.")] = False,
+    data_dir: Annotated[Path | None, typer.Option(help=DATA_DIR_HELP)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Prune CHECKPOINT gradually to SPARSITY while fine-tuning with masks; resumable."""
+    from woodfisher.gradual import run_gradual
+
+    if (checkpoint is None) == (checkpoint_opt is None):
+        raise ValueError("give the checkpoint once: as the argument or as --checkpoint")
+    options = {"num_grads": num_grads, "block_size": block_size, "update": update,
+               "damp": _parse_damp(damp)}
+    res = run_gradual(
+        checkpoint or checkpoint_opt, out=out, final_sparsity=sparsity,
+        initial_sparsity=initial_sparsity, epochs=epochs, start=start, end=end,
+        prune_every=prune_every, method=method, lr=lr, batch_size=batch_size,
+        prune_options={k: v for k, v in options.items() if v is not None},
+        train_subset=train_subset, seed=seed, resume=resume,
+        data_dir=None if data_dir is None else str(data_dir), progress=not quiet,
+    )
+    if json_out:
+        typer.echo(json.dumps(res))
+        return
+    _stdout().print(
+        f"{res['method']} gradual to {res['sparsity']:.2%} in {res['epochs']} epochs: test "
+        f"accuracy {res['accuracy']:.2%} (dense {res['dense_accuracy']:.2%}) -> {res['checkpoint']}"
+        f" (log {res['log']}, plot {res['plot']}, resume {res['resume']})"
+    )
+
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m woodfisher.cli`
     """Run the app."""
     app()

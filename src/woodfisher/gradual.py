@@ -1,37 +1,77 @@
 """Gradual pruning: prune in steps along the polynomial schedule while fine-tuning with masks.
 
-Every epoch may begin with a pruning step (any one-shot method as the pruner), then runs one
-epoch of masked SGD with momentum, evaluates, and writes an atomic resume file. A run killed at
-any point and resumed from that file ends where an uninterrupted run with the same seed ends:
-everything random is drawn from generators seeded by ``(seed, epoch)``, and the resume file
-holds the model, its masks, the optimizer state and the log.
+Every pruning epoch begins with a one-shot pruning step (any method of
+:data:`woodfisher.pruning.METHODS` is the pruner) to the target of Zhu & Gupta's cubic schedule
+
+.. math::
+    s_t = s_f + (s_i - s_f)\\left(1 - \\frac{t - t_0}{t_1 - t_0}\\right)^3,
+
+then runs one epoch of masked SGD with momentum, evaluates, and writes an atomic resume file.
+After the last pruning step the remaining epochs fine-tune at the final sparsity.
+
+A run killed at any point and resumed from its resume file ends exactly where an uninterrupted
+run with the same seed ends: everything random (shuffling, the pruner's gradient samples,
+dropout) is drawn from generators seeded by ``(seed, epoch)``, and the resume file holds the
+model with its masks, the optimizer state (momentum) and the log.
+
+Example:
+    >>> from woodfisher.data import synthetic
+    >>> from woodfisher.models import build_model
+    >>> ds = synthetic(n=256, input_shape=(1, 8, 8), num_classes=3)
+    >>> _ = torch.manual_seed(0)
+    >>> net = build_model("mlpnet-small", input_shape=(1, 8, 8), num_classes=3)
+    >>> cfg = GradualConfig(final_sparsity=0.9, epochs=3, method="magnitude", lr=0.05)
+    >>> res = gradual(net, ds, cfg, progress=False)
+    >>> [round(r["sparsity"], 2) for r in res.history]
+    [0.5, 0.9, 0.9]
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
+import os
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
+from woodfisher.checkpoint import atomic_save, refresh_pruned_weights, restore_pruning
+from woodfisher.data import as_batches
 from woodfisher.pruning.schedule import pruning_steps
+from woodfisher.train import SCHEDULES, enforce_masks, lr_at
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "RESUME_FORMAT",
+    "GradualConfig",
+    "GradualError",
+    "GradualResult",
+    "gradual",
+    "output_paths",
+    "plot_history",
+    "run_gradual",
+    "save_log",
+]
 
 RESUME_FORMAT = "woodfisher-gradual-v1"
 
+# prune() options a config may carry; seed, loss_fn and progress are set by gradual() itself.
+PRUNE_OPTIONS = (
+    "layers", "skip", "scope", "layer_sparsity", "update", "num_grads", "samples_per_grad",
+    "block_size", "damp", "recompute",
+)
+
 
 class GradualError(ValueError):
-    """A gradual run that cannot start, go on or resume (with what is wrong and what to do)."""
+    """A gradual run that cannot start, go on or resume (says what is wrong and what to do)."""
 
 
 @dataclass(frozen=True)
@@ -41,18 +81,21 @@ class GradualConfig:
     Attributes:
         final_sparsity: Sparsity reached at the last pruning step, over the pruned weights.
         initial_sparsity: Target of the first pruning step.
-        epochs: Epochs of fine-tuning in all (pruning steps happen at the start of an epoch).
-        start: Epoch of the first pruning step.
+        epochs: Epochs of fine-tuning in all (a pruning step opens its epoch).
+        start: Epoch (0-based) of the first pruning step.
         end: Epoch of the last pruning step; None means about two thirds into the run, so that
             the last third fine-tunes at the final sparsity.
         prune_every: Epochs between pruning steps.
         method: The one-shot pruner, a key of ``woodfisher.pruning.METHODS``.
-        prune_options: Keyword options for ``woodfisher.prune`` (num_grads, block_size, ...).
-        lr: Peak learning rate of the fine-tuning (cosine decay to zero over the run).
+        prune_options: Keyword options for ``woodfisher.prune`` (num_grads, block_size, damp,
+            update, ...).
+        lr: Peak learning rate of the fine-tuning.
+        lr_schedule: One of ``woodfisher.train.SCHEDULES``, stepped every batch over the run.
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
-        batch_size: Fine-tuning batch size.
-        prune_samples: Training samples handed to the pruner at each step.
+        batch_size: Fine-tuning batch size (and the pruner's batch size).
+        prune_samples: Training samples handed to the pruner at each step; None for what the
+            pruner uses (``num_grads · samples_per_grad``, doubled for ``damp="auto"``).
         train_subset: Use only the first N training samples for pruning and fine-tuning (the
             limited-data regime); None for all.
         seed: Seed of every random choice of the run.
@@ -66,43 +109,70 @@ class GradualConfig:
     prune_every: int = 1
     method: str = "woodfisher"
     prune_options: dict[str, Any] = field(default_factory=dict)
+    # Dense MLPNet is trained at a peak of 0.05; a fifth of that lets the survivors compensate
+    # after each step without undoing the pruner's OBS update in the first few batches.
     lr: float = 0.01
+    lr_schedule: str = "cosine"
     momentum: float = 0.9
     weight_decay: float = 0.0
     batch_size: int = 128
-    prune_samples: int = 4000
+    prune_samples: int | None = None
     train_subset: int | None = None
     seed: int = 0
 
     def last_prune_epoch(self) -> int:
-        """The epoch of the last pruning step (``end``, or its default)."""
+        """The epoch of the last pruning step (``end``, or its default).
+
+        Returns:
+            A 0-based epoch.
+        """
         if self.end is not None:
             return self.end
         return max(self.start, math.ceil(2 * self.epochs / 3) - 1)
 
     def steps(self) -> dict[int, float]:
-        """Epoch → target sparsity of every pruning step.
+        """Check the config; epoch → target sparsity of every pruning step.
 
         Returns:
             Ordered mapping; see :func:`woodfisher.pruning.schedule.pruning_steps`.
 
         Raises:
-            GradualError: If the schedule is impossible.
+            GradualError: If a value is out of range or the schedule is impossible.
         """
-        if self.epochs < 1:
-            raise GradualError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1 or self.prune_samples < 1:
+        from woodfisher.pruning import METHODS
+
+        def positive_int(name: str, value: Any) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise GradualError(f"{name} must be a positive integer, got {value!r}")
+
+        positive_int("epochs", self.epochs)
+        positive_int("batch_size", self.batch_size)
+        positive_int("prune_every", self.prune_every)
+        for name in ("prune_samples", "train_subset"):
+            if getattr(self, name) is not None:
+                positive_int(name, getattr(self, name))
+        if self.method not in METHODS:
+            raise GradualError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
+        unknown = sorted(set(self.prune_options) - set(PRUNE_OPTIONS))
+        if unknown:
             raise GradualError(
-                f"batch_size and prune_samples must be >= 1, got {self.batch_size}, "
-                f"{self.prune_samples}"
+                f"unknown prune options {unknown}; choose from {sorted(PRUNE_OPTIONS)}"
             )
-        if self.train_subset is not None and self.train_subset < 1:
-            raise GradualError(f"train_subset must be >= 1, got {self.train_subset}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise GradualError(f"lr must be a positive number, got {self.lr}")
+        if self.lr_schedule not in SCHEDULES:
+            raise GradualError(
+                f"unknown lr_schedule {self.lr_schedule!r}; choose from {list(SCHEDULES)}"
+            )
+        if not 0 <= self.momentum < 1:
+            raise GradualError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not self.weight_decay >= 0:
+            raise GradualError(f"weight_decay must be >= 0, got {self.weight_decay}")
         end = self.last_prune_epoch()
         if not 0 <= self.start <= end < self.epochs:
             raise GradualError(
                 f"pruning epochs must satisfy 0 <= start ({self.start}) <= end ({end}) "
-                f"< epochs ({self.epochs})"
+                f"< epochs ({self.epochs}); change --start/--end or raise --epochs"
             )
         try:
             return pruning_steps(
@@ -112,21 +182,25 @@ class GradualConfig:
             raise GradualError(str(e)) from None
 
     def fingerprint(self, model: nn.Module) -> str:
-        """A hash of the config and the model's parameter names and shapes.
+        """A hash of the config and of the starting model (names, shapes and values).
+
+        Args:
+            model: The model the run starts from (before any pruning by this run).
 
         Returns:
             16 hex digits; a resume file is accepted only with the same value.
         """
-        shapes = sorted(
-            (_canonical(n), tuple(p.shape)) for n, p in model.named_parameters()
-        )
-        blob = json.dumps([asdict(self), shapes], sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode())
+        for name, t in sorted(model.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
 
 
 @dataclass
 class GradualResult:
-    """What a gradual run did: one row per epoch, and where it wrote its files."""
+    """What a gradual run did: one row per epoch (all epochs, resumed ones included)."""
 
     history: list[dict[str, Any]]
     config: GradualConfig
@@ -141,15 +215,23 @@ class GradualResult:
         """JSON-ready form.
 
         Returns:
-            A dict of plain Python values.
+            ``{"config", "resumed_from", "history"}`` as plain Python values.
         """
         return {"config": asdict(self.config), "resumed_from": self.resumed_from,
                 "history": self.history}
 
 
+def _seed(seed: int, epoch: int, stream: str) -> int:
+    # One independent stream per (seed, epoch, use): resuming at epoch k redraws exactly what
+    # the uninterrupted run drew there, whatever happened before.
+    digest = hashlib.sha256(f"{seed}:{epoch}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:7], "big")
+
+
 def _canonical(name: str) -> str:
-    # A pruned module's weight is registered as weight_orig, appended after its bias; a
-    # canonical name keeps the optimizer's parameter order the same before and after pruning.
+    # Pruning re-registers a weight as weight_orig after its bias; sorting on the canonical
+    # name gives the optimizer the same parameter order before and after pruning, which its
+    # state_dict (indexed by position) relies on when a resume builds it on a pruned model.
     return name.removesuffix("_orig")
 
 
@@ -158,57 +240,38 @@ def _ordered_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, p in named]
 
 
-def enforce_masks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Zero the pruned entries of every masked weight and of its optimizer state.
-
-    The prune reparametrisation already hides them from the forward pass; zeroing the stored
-    weight and its momentum keeps them exactly zero everywhere, so a later ``bake`` or a new
-    mask cannot bring old values back.
-    """
-    with torch.no_grad():
-        for mod in model.modules():
-            mask = getattr(mod, "weight_mask", None)
-            if mask is None:
-                continue
-            orig = mod.weight_orig
-            orig.mul_(mask)
-            if optimizer is not None:
-                for value in optimizer.state.get(orig, {}).values():
-                    if isinstance(value, Tensor) and value.shape == mask.shape:
-                        value.mul_(mask)
+def _subset(data: Any, n: int | None) -> Any:
+    if n is None:
+        return data
+    if not isinstance(data, Dataset):
+        raise GradualError("train_subset needs a Dataset as training data, not an iterable")
+    if n > len(data):
+        raise GradualError(f"train_subset={n} exceeds the {len(data)} training samples")
+    if isinstance(data, TensorDataset):  # slicing keeps as_batches' fast path
+        return TensorDataset(*(t[:n] for t in data.tensors))
+    return Subset(data, range(n))
 
 
-def restore_masks(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
-    """Give ``model`` the prune reparametrisation that ``state_dict`` was saved with."""
-    from torch.nn.utils import prune as tprune
+def _prune_sample_count(config: GradualConfig) -> int:
+    if config.prune_samples is not None:
+        return config.prune_samples
+    from woodfisher.pruning import DEFAULTS, get_method
 
-    modules = dict(model.named_modules())
-    for key, mask in state_dict.items():
-        if not key.endswith("weight_mask"):
-            continue
-        mod_name = key[: -len(".weight_mask")] if "." in key else ""
-        mod = modules.get(mod_name)
-        if mod is None:
-            raise GradualError(f"saved mask {key!r} has no module in this model")
-        if getattr(mod, "weight_mask", None) is None:
-            tprune.custom_from_mask(mod, "weight", mask.to(mod.weight.device))
+    opts = config.prune_options
+    if get_method(config.method).curvature == "kfac":
+        return int(opts.get("num_grads") or DEFAULTS["kfac_num_batches"]) * config.batch_size
+    n = int(opts.get("num_grads") or DEFAULTS["num_grads"]) * int(
+        opts.get("samples_per_grad") or DEFAULTS["samples_per_grad"]
+    )
+    return 2 * n if opts.get("damp") == "auto" else n
 
 
-def _epoch_batches(data: Any, batch_size: int, seed: int, epoch: int):
-    if isinstance(data, Dataset) and hasattr(data, "__len__"):
-        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(len(data), generator=gen)
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size].tolist()
-            xs, ys = zip(*(data[i] for i in idx), strict=False)
-            yield torch.stack(xs), torch.stack([torch.as_tensor(y) for y in ys])
-    else:
-        yield from data
-
-
-def _prune_batches(data: Any, n: int, batch_size: int, seed: int, epoch: int) -> list:
+def _prune_batches(data: Any, n: int, config: GradualConfig, epoch: int) -> list:
+    # prune() iterates its data more than once (gradients, damp search), so it gets a list.
     out, taken = [], 0
-    for x, y in _epoch_batches(data, batch_size, seed + 7919, epoch):
+    shuffled = as_batches(data, config.batch_size, shuffle=True,
+                          seed=_seed(config.seed, epoch, "prune"))
+    for x, y in shuffled:
         out.append((x[: n - taken], y[: n - taken]))
         taken += len(out[-1][1])
         if taken >= n:
@@ -216,43 +279,43 @@ def _prune_batches(data: Any, n: int, batch_size: int, seed: int, epoch: int) ->
     return out
 
 
-def _fine_tune_epoch(
-    model: nn.Module, optimizer: torch.optim.Optimizer, batches, loss_fn: Callable, progress
-) -> dict[str, float]:
-    model.train()
-    total, correct, loss_sum = 0, 0, 0.0
-    for x, y in batches:
-        optimizer.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = loss_fn(out, y)
-        if not torch.isfinite(loss):
-            raise GradualError(
-                f"non-finite fine-tuning loss ({loss.item()}); stopped, the last good resume file "
-                "is kept: lower --lr and resume"
-            )
-        loss.backward()
-        optimizer.step()
-        enforce_masks(model, optimizer)
-        n = len(y)
-        total += n
-        loss_sum += loss.item() * n
-        correct += (out.argmax(1) == y).sum().item()
-        if progress is not None:
-            progress(n, loss_sum / total, correct / total)
-    return {"train_loss": loss_sum / max(total, 1), "train_accuracy": correct / max(total, 1)}
+def _steps_per_epoch(data: Any, batch_size: int) -> int | None:
+    if isinstance(data, Dataset):
+        return math.ceil(len(data) / batch_size)
+    try:
+        return len(data)
+    except TypeError:
+        return None
 
 
-def _sparsity(model: nn.Module, modules: dict[str, nn.Module]) -> float:
-    from woodfisher.params import flat_masks, flat_weights
+def _pruned_fraction(modules: dict[str, nn.Module]) -> float:
+    from woodfisher.params import flat_masks
 
-    w = flat_weights(modules)
-    return float(((w == 0) | ~flat_masks(modules)).float().mean())
+    present = flat_masks(modules)
+    return float((~present).sum()) / present.numel()
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+def _load_resume(path: Path, fingerprint: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise GradualError(f"resume requested but there is no resume file at {path}; "
+                           "start without --resume")
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise GradualError(f"{path} is not a gradual resume file ({reason})") from None
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise GradualError(
+            f"{path} is not a gradual resume file (no format={RESUME_FORMAT!r}); pass the "
+            "file `woodfisher gradual` wrote next to its output, or start without --resume"
+        )
+    if state.get("fingerprint") != fingerprint:
+        raise GradualError(
+            f"{path} belongs to another run or model (fingerprint {state.get('fingerprint')} "
+            f"!= {fingerprint}); resume with the same checkpoint and options, or start "
+            "without --resume"
+        )
+    return state
 
 
 def gradual(
@@ -261,155 +324,208 @@ def gradual(
     config: GradualConfig,
     *,
     test_data: Any = None,
-    loss_fn: Callable | None = None,
-    resume_path: str | Path | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    resume_path: str | os.PathLike | None = None,
     resume: bool = False,
     progress: bool = True,
+    callback: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> GradualResult:
     """Prune ``model`` gradually to ``config.final_sparsity`` while fine-tuning it (in place).
 
+    Pruned weights stay exactly zero throughout: after every pruning step and every SGD step
+    the masked entries of ``weight_orig`` and of their momentum buffers are zeroed
+    (:func:`woodfisher.train.enforce_masks`). The model is in train mode while fine-tuning
+    (BatchNorm statistics update) and in eval mode while the pruner samples gradients.
+
     Args:
         model: A trained model; its Linear/Conv weights (or ``prune_options['layers']``) are
-            pruned.
-        train_data: A map-style Dataset (shuffled per epoch from the seed) or any iterable of
-            (x, y) batches (used as is).
+            pruned. On resume, pass the same starting model as the first run.
+        train_data: A map-style Dataset (reshuffled every epoch from the seed) or a re-iterable
+            of ``(x, y)`` batches (used as is).
         config: The schedule, pruner and optimizer settings.
         test_data: Evaluated after every epoch when given.
-        loss_fn: Defaults to cross-entropy.
-        resume_path: Where the resume file is written after every epoch.
-        resume: Continue from ``resume_path`` (which must come from the same config and model).
-        progress: Show a progress bar per epoch on stderr.
+        loss_fn: ``loss_fn(logits, y)`` -> mean loss; cross-entropy by default.
+        resume_path: Where the resume file is written (atomically) after every epoch.
+        resume: Continue from ``resume_path``, which must come from the same config and
+            starting model.
+        progress: Show one progress bar per epoch on stderr.
+        callback: Called with the history so far after every epoch (after the resume file
+            is written), e.g. to write a log.
 
     Returns:
         The per-epoch history (loss, accuracy, sparsity, learning rate, times).
 
     Raises:
-        GradualError: For an impossible schedule, a resume file of another run, or a
-            non-finite fine-tuning loss.
+        GradualError: For an impossible config, a missing or foreign resume file, or a
+            non-finite fine-tuning loss (the last good resume file is kept).
     """
     from woodfisher.params import select_modules
     from woodfisher.pruning import prune
     from woodfisher.train import evaluate
 
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
     steps = config.steps()
-    if config.train_subset is not None and isinstance(train_data, Dataset):
-        if config.train_subset > len(train_data):
-            raise GradualError(
-                f"train_subset={config.train_subset} exceeds the {len(train_data)} training samples"
-            )
-        train_data = Subset(train_data, range(config.train_subset))
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    train_data = _subset(train_data, config.train_subset)
+    prune_n = _prune_sample_count(config)
+    resume_path = Path(resume_path) if resume_path is not None else None
+    if resume and resume_path is None:
+        raise GradualError("resume=True needs resume_path")
+    fingerprint = config.fingerprint(model)
+    history: list[dict[str, Any]] = []
+    first_epoch, resumed_from, state = 0, None, None
+    if resume:
+        state = _load_resume(resume_path, fingerprint)
+        restore_pruning(model, state["model"])
+        model.load_state_dict(state["model"])
+        refresh_pruned_weights(model)
+        history = json.loads(state["history"])
+        first_epoch = resumed_from = int(state["next_epoch"])
     modules = select_modules(
         model, config.prune_options.get("layers"), config.prune_options.get("skip")
     )
-    resume_path = Path(resume_path) if resume_path is not None else None
-    fingerprint = config.fingerprint(model)
-    history: list[dict[str, Any]] = []
-    first_epoch, resumed_from = 0, None
-
-    state = None
-    if resume:
-        if resume_path is None or not resume_path.exists():
-            raise GradualError(f"--resume given but no resume file at {resume_path}")
-        try:
-            state = torch.load(resume_path, weights_only=True, map_location="cpu")
-        except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-            raise GradualError(f"{resume_path} is not a gradual resume file ({e})") from None
-        if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
-            raise GradualError(f"{resume_path} is not a gradual resume file")
-        if state["fingerprint"] != fingerprint:
-            raise GradualError(
-                f"{resume_path} belongs to another run or model (fingerprint "
-                f"{state['fingerprint']} != {fingerprint}); start without --resume or use the "
-                "same options"
-            )
-        restore_masks(model, state["model"])
-        model.load_state_dict(state["model"])
-        history = json.loads(state["history"])
-        first_epoch = resumed_from = int(state["next_epoch"])
-
     optimizer = torch.optim.SGD(
         _ordered_params(model), lr=config.lr, momentum=config.momentum,
         weight_decay=config.weight_decay,
     )
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
+    per_epoch = _steps_per_epoch(train_data, config.batch_size)
 
     for epoch in range(first_epoch, config.epochs):
         row: dict[str, Any] = {"epoch": epoch + 1}
         if epoch in steps:
             t0 = time.perf_counter()
-            batches = _prune_batches(
-                train_data, config.prune_samples, config.batch_size, config.seed, epoch
-            )
-            options = {"seed": config.seed + epoch, **config.prune_options}
+            batches = _prune_batches(train_data, prune_n, config, epoch)
             result = prune(model, batches, steps[epoch], method=config.method, loss_fn=loss_fn,
-                           **options)
+                           seed=_seed(config.seed, epoch, "gradients") % 2**31,
+                           **config.prune_options)
+            # The pruned weights' momentum would push them again at the next SGD step.
             enforce_masks(model, optimizer)
             row["pruned_to"] = steps[epoch]
             row["prune_seconds"] = time.perf_counter() - t0
-            row["predicted_loss_increase"] = getattr(result, "predicted_loss_increase", None)
-        lr = 0.5 * config.lr * (1 + math.cos(math.pi * epoch / config.epochs))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+            row["predicted_increase"] = result.predicted_increase
+        sparsity = _pruned_fraction(modules)
+        torch.manual_seed(_seed(config.seed, epoch, "torch"))  # dropout and friends
         t0 = time.perf_counter()
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            total = len(train_data) if hasattr(train_data, "__len__") else None
-            bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                       unit="sample")
-
-            def tick(n, loss, acc, bar=bar):
-                bar.update(n)
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
-        else:
-            tick = None
-        try:
-            row.update(_fine_tune_epoch(
-                model,
-                optimizer,
-                _epoch_batches(train_data, config.batch_size, config.seed, epoch),
-                loss_fn,
-                tick,
-            ))
-        finally:
-            if bar is not None:
-                bar.close()
+        row.update(_fine_tune_epoch(model, optimizer, train_data, loss_fn, config, epoch,
+                                    per_epoch, sparsity, progress))
         row["train_seconds"] = time.perf_counter() - t0
-        row["lr"] = lr
-        row["sparsity"] = _sparsity(model, modules)
+        row["sparsity"] = sparsity
         if test_data is not None:
             ev = evaluate(model, test_data, loss_fn=loss_fn)
             row["test_accuracy"], row["test_loss"] = ev["accuracy"], ev["loss"]
         history.append(row)
-        log.info("epoch %s: %s", epoch + 1, row)
         if resume_path is not None:
-            _save_atomic(
+            atomic_save(
                 {
                     "format": RESUME_FORMAT,
                     "fingerprint": fingerprint,
                     "next_epoch": epoch + 1,
-                    "model": model.state_dict(),
+                    "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                     "optimizer": optimizer.state_dict(),
                     "history": json.dumps(history),
+                    "config": json.dumps(asdict(config), default=str),
                 },
                 resume_path,
             )
+        if callback is not None:
+            callback(history)
+    model.eval()
     return GradualResult(history=history, config=config, resumed_from=resumed_from)
 
 
-def plot_history(history: list[dict[str, Any]], path: str | Path) -> None:
-    """Accuracy and sparsity against epoch, written as a PNG."""
+def _fine_tune_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_data: Any,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    config: GradualConfig,
+    epoch: int,
+    per_epoch: int | None,
+    sparsity: float,
+    progress: bool,
+) -> dict[str, float]:
+    from tqdm.auto import tqdm
+
+    model.train()
+    total_steps = per_epoch * config.epochs if per_epoch else config.epochs
+    batches: Iterable = as_batches(train_data, config.batch_size, shuffle=True,
+                                   seed=_seed(config.seed, epoch, "shuffle"))
+    bar = tqdm(batches, total=per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
+               file=sys.stderr, disable=not progress, leave=True, dynamic_ncols=True)
+    n, correct, loss_sum, lr = 0, 0, 0.0, config.lr
+    try:
+        for i, (x, y) in enumerate(bar):
+            step = epoch * per_epoch + i if per_epoch else epoch
+            lr = lr_at(step, total_steps, config.lr, config.lr_schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            out = model(x)
+            loss = loss_fn(out, y)
+            if not torch.isfinite(loss):
+                raise GradualError(
+                    f"non-finite fine-tuning loss ({float(loss.detach())}) in epoch {epoch + 1}, "
+                    f"batch {i + 1}; stopped. The resume file of the last good epoch is kept: "
+                    f"lower the learning rate (now {config.lr}) and start again"
+                )
+            loss.backward()
+            optimizer.step()
+            enforce_masks(model, optimizer)
+            n += len(y)
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((out.argmax(1) == y).sum())
+            if progress:
+                bar.set_postfix(loss=f"{loss_sum / n:.4f}", acc=f"{correct / n:.3f}",
+                                sparsity=f"{sparsity:.3f}", refresh=False)
+    finally:
+        bar.close()
+    return {"train_loss": loss_sum / max(n, 1), "train_accuracy": correct / max(n, 1), "lr": lr}
+
+
+def save_log(result: GradualResult | dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write a run's config and per-epoch history as JSON, atomically.
+
+    Args:
+        result: A :class:`GradualResult` or its ``to_dict()`` (plus any extra keys).
+        path: The JSON file.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    path = Path(path)
+    data = result.to_dict() if isinstance(result, GradualResult) else result
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def plot_history(history: list[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Plot accuracy and sparsity against epoch and write it as a PNG (atomically).
+
+    Args:
+        history: Rows of :attr:`GradualResult.history`.
+        path: The PNG file.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    path = Path(path)
     epochs = [r["epoch"] for r in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    if all("test_accuracy" in r for r in history):
+    if history and all("test_accuracy" in r for r in history):
         ax.plot(epochs, [100 * r["test_accuracy"] for r in history], "o-", label="test accuracy")
     ax.plot(epochs, [100 * r["train_accuracy"] for r in history], "s--", label="train accuracy")
     ax.set_xlabel("epoch")
@@ -417,9 +533,111 @@ def plot_history(history: list[dict[str, Any]], path: str | Path) -> None:
     ax2 = ax.twinx()
     ax2.plot(epochs, [100 * r["sparsity"] for r in history], "k:", label="sparsity")
     ax2.set_ylabel("sparsity (%)")
-    ax.legend(loc="lower left")
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="lower left")
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def output_paths(out: str | os.PathLike) -> dict[str, Path]:
+    """Files a CLI gradual run writes next to its output checkpoint ``out``.
+
+    Args:
+        out: The output checkpoint, e.g. ``runs/g.pt``.
+
+    Returns:
+        ``{"checkpoint": g.pt, "resume": g.resume.pt, "log": g.json, "plot": g.png}``.
+    """
+    out = Path(out)
+    return {"checkpoint": out, "resume": out.with_suffix(".resume.pt"),
+            "log": out.with_suffix(".json"), "plot": out.with_suffix(".png")}
+
+
+def run_gradual(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    resume: bool = False,
+    data_dir: str | None = None,
+    progress: bool = True,
+    **config: Any,
+) -> dict[str, Any]:
+    """Load a checkpoint and its dataset, run :func:`gradual`, and write its files.
+
+    Writes the pruned checkpoint ``out`` (loadable by ``woodfisher evaluate``), its resume
+    file (after every epoch), a JSON log of every epoch (after every epoch) and a PNG of
+    accuracy and sparsity against epoch; see :func:`output_paths`.
+
+    Args:
+        checkpoint: A checkpoint written by ``woodfisher train`` (or ``save_checkpoint``).
+        out: The output checkpoint; default ``<checkpoint stem>-gradual.pt`` beside it.
+        resume: Continue from ``out``'s resume file.
+        data_dir: Directory of the dataset files.
+        progress: Progress bars on stderr.
+        **config: Fields of :class:`GradualConfig`.
+
+    Returns:
+        A JSON-ready summary: paths, accuracy, dense accuracy, sparsity, history.
+
+    Raises:
+        ValueError: On bad input (any :class:`GradualError`, a bad checkpoint or dataset, an
+            unwritable output), before any long work where it can be checked up front.
+    """
+    from woodfisher.checkpoint import check_writable, load_checkpoint, save_checkpoint
+    from woodfisher.data import load_dataset
+    from woodfisher.train import evaluate, sparsity_report
+
+    try:
+        cfg = GradualConfig(**config)
+    except TypeError as e:
+        raise GradualError(f"bad gradual option: {e}") from None
+    cfg.steps()
+    checkpoint = Path(checkpoint)
+    out = Path(out) if out is not None else checkpoint.with_name(f"{checkpoint.stem}-gradual.pt")
+    paths = output_paths(out)
+    if paths["checkpoint"].resolve() == checkpoint.resolve():
+        raise GradualError(f"--out {out} would overwrite the input checkpoint; pick another name")
+    for p in paths.values():
+        check_writable(p)
+    model, info = load_checkpoint(checkpoint)
+    saved = info["dataset"]
+    if not saved.get("dataset"):
+        raise GradualError(f"checkpoint {checkpoint} names no dataset to fine-tune on")
+    splits = load_dataset(saved["dataset"], data_dir=data_dir,
+                          normalisation=saved if "mean" in saved else None)
+    dense = evaluate(model, splits.test)
+
+    def write_log(history: list[dict[str, Any]]) -> None:
+        save_log({"checkpoint": str(checkpoint), "config": asdict(cfg),
+                  "dense_accuracy": dense["accuracy"], "history": history}, paths["log"])
+
+    result = gradual(model, splits.train, cfg, test_data=splits.test,
+                     resume_path=paths["resume"], resume=resume, progress=progress,
+                     callback=write_log)
+    final = evaluate(model, splits.test)
+    report = sparsity_report(model)
+    meta = {"gradual": asdict(cfg), "source": str(checkpoint), "history": result.history,
+            "test_accuracy": final["accuracy"], "test_loss": final["loss"],
+            "dense_accuracy": dense["accuracy"]}
+    save_checkpoint(paths["checkpoint"], model, info["model"], saved, meta)
+    write_log(result.history)
+    plot_history(result.history, paths["plot"])
+    return {
+        **{k: str(v) for k, v in paths.items()},
+        "method": cfg.method, "epochs": cfg.epochs, "seed": cfg.seed,
+        "accuracy": final["accuracy"], "loss": final["loss"],
+        "dense_accuracy": dense["accuracy"], "sparsity": report["sparsity"],
+        "pruned_sparsity": result.final["sparsity"], "resumed_from": result.resumed_from,
+        "history": result.history,
+    }
