@@ -163,7 +163,7 @@ def test_plan_memory_counts():
     assert "dense Cholesky" in str(dense)
     wood = plan_memory(1000, 10, 100, algorithm="woodbury")
     assert wood.parts["inverse blocks"] == 10 * 100 * 100 * item
-    assert str(plan).startswith("fast path, sample space (m < B): ")
+    assert str(plan).startswith("fast path, sample space (m <= B): ")
 
 
 def test_max_memory_names_block_size_that_fits():

@@ -8,7 +8,9 @@ from woodfisher.models import MODELS, ShapeError, build_model, check_input
 CASES = [
     dict(name=name, input_shape=shape)
     for name in sorted(MODELS)
-    for shape in ([(3, 32, 32), (1, 28, 28)] if name == "resnet20" else [(1, 28, 28), (1, 8, 8)])
+    for shape in (
+        [(3, 32, 32), (1, 28, 28)] if name.startswith("resnet") else [(1, 28, 28), (1, 8, 8)]
+    )
 ]
 
 
@@ -65,7 +67,7 @@ def test_bad_kwargs_and_shapes():
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_input_shape_mismatch(name):
-    model = build_model(name, (1, 8, 8) if name != "resnet20" else (3, 32, 32))
+    model = build_model(name, (3, 32, 32) if name.startswith("resnet") else (1, 8, 8))
     with pytest.raises(ShapeError) as err:
         model(torch.randn(2, 1, 28, 28))
     assert "expects input of shape" in str(err.value) and "(2, 1, 28, 28)" in str(err.value)
@@ -74,3 +76,10 @@ def test_input_shape_mismatch(name):
 
 def test_check_input_ignores_foreign_models():
     check_input(torch.nn.Linear(3, 2), torch.zeros(4, 3))
+
+
+def test_resnet50_size_and_shape():
+    model = build_model("resnet50", (3, 32, 32), num_classes=1000).eval()
+    assert sum(p.numel() for p in model.parameters()) == 25_557_032  # torchvision's resnet50
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1000)

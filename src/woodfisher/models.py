@@ -29,6 +29,7 @@ __all__ = [
     "MLPNet",
     "MODELS",
     "ResNet20",
+    "ResNet50",
     "ShapeError",
     "build_model",
     "check_input",
@@ -217,6 +218,74 @@ class ResNet20(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+class _Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck: 1×1 reduce, 3×3 (carrying the stride), 1×1 expand ×4."""
+
+    expansion = 4
+
+    def __init__(self, c_in: int, width: int, stride: int) -> None:
+        super().__init__()
+        c_out = width * self.expansion
+        self.conv1 = nn.Conv2d(c_in, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, c_out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c_out)
+        self.downsample: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.downsample(x))
+
+
+class ResNet50(nn.Module):
+    """ImageNet ResNet-50 (v1.5): 7×7/2 stem + max-pool, bottleneck stages (3, 4, 6, 3) of
+    widths 64/128/256/512 (×4 out), global average pool, linear.
+
+    25.56 M parameters at 1000 classes, as torchvision's ``resnet50``. Any (C, H, W) input with
+    H, W ≥ 1 works (the stem and pools shrink it to 1×1 at worst).
+
+    Args:
+        input_shape: ``(C, H, W)``; ImageNet is ``(3, 224, 224)``.
+        num_classes: Number of outputs.
+    """
+
+    def __init__(
+        self, input_shape: Sequence[int] = (3, 224, 224), num_classes: int = 1000
+    ) -> None:
+        super().__init__()
+        self.input_shape = _check_shape(input_shape, True, "resnet50")
+        self.name = "resnet50"
+        self.conv1 = nn.Conv2d(self.input_shape[0], 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        c_in, stages = 64, []
+        for width, depth, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+            blocks = []
+            for b in range(depth):
+                blocks.append(_Bottleneck(c_in, width, stride if b == 0 else 1))
+                c_in = width * _Bottleneck.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(c_in, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        check_input(self, x)
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 def _mlp(hidden: tuple[int, ...], bias: bool) -> Callable[..., nn.Module]:
     def make(input_shape: Sequence[int], num_classes: int, **kw) -> nn.Module:
         return MLPNet(input_shape, num_classes, hidden=kw.pop("hidden", hidden),
@@ -233,6 +302,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlpnet-small-nobias": _mlp((40, 20), False),
     "cnn": lambda input_shape, num_classes, **kw: CNN(input_shape, num_classes, **kw),
     "resnet20": lambda input_shape, num_classes, **kw: ResNet20(input_shape, num_classes, **kw),
+    "resnet50": lambda input_shape, num_classes, **kw: ResNet50(input_shape, num_classes, **kw),
 }
 
 

@@ -3,10 +3,10 @@
 ``F = damp·I + (1/m) Σ g gᵀ`` restricted to diagonal blocks of ``B`` consecutive entries
 (never crossing a layer). Blocks of equal size are handled together by batched linear algebra:
 
-- ``m < B`` (sample space): with ``G_b`` the (m, B) gradients of a block and
+- ``m ≤ B`` (sample space): with ``G_b`` the (m, B) gradients of a block and
   ``K = m·damp·I + G_b G_bᵀ = L Lᵀ``, ``F_b⁻¹ = (1/damp)(I − WᵀW)`` where ``W = L⁻¹ G_b``. Only
   ``W`` is kept; the diagonal is ``(1 − Σ_i W_i²)/damp`` and an IHVP costs two (m, B) products.
-- ``m ≥ B``: batched Cholesky of ``F_b`` and its explicit inverse.
+- ``m > B``: batched Cholesky of ``F_b`` and its explicit inverse.
 
 The numbers equal the paper's Woodbury recursion (:mod:`woodfisher.fisher.woodbury`), which
 ``algorithm="woodbury"`` runs instead, as a reference.
@@ -97,7 +97,25 @@ def layout_sizes(layout: Layout | Sequence[int] | None, d: int) -> tuple[int, ..
     return sizes
 
 
-def _left_solve_lower(L: Tensor, G: Tensor) -> Tensor:
+def _gram_lower(G: Tensor) -> Tensor:
+    """The lower triangle of ``G Gᵀ`` for a batch ``G`` (nb, m, B), in 3/4 of the FLOPs.
+
+    ``[[G₁G₁ᵀ, ·], [G₂G₁ᵀ, G₂G₂ᵀ]]`` with the rows of ``G`` split in halves: two batched
+    products instead of one, and the upper right quarter (which Cholesky never reads) is set to
+    zero instead of computed. Small ``m`` keeps the single product, which is faster there.
+    """
+    m = G.shape[1]
+    if m < 512:
+        return G @ G.transpose(1, 2)
+    h = m // 2
+    K = G.new_empty(G.shape[0], m, m)
+    K[:, :, :h] = G @ G[:, :h].transpose(1, 2)
+    K[:, h:, h:] = G[:, h:] @ G[:, h:].transpose(1, 2)
+    K[:, :h, h:] = 0
+    return K
+
+
+def _left_solve_lower(L: Tensor, G: Tensor, out: Tensor | None = None) -> Tensor:
     """``L⁻¹ G`` for a batch of lower-triangular ``L`` (nb, m, m) and ``G`` (nb, m, B).
 
     Batched CPU triangular solves are slow for many small systems (measured ~2 GFLOP/s for
@@ -106,11 +124,15 @@ def _left_solve_lower(L: Tensor, G: Tensor) -> Tensor:
     """
     m = L.shape[-1]
     if m <= 256:
-        return torch.linalg.inv_ex(L)[0].tril() @ G
+        # A triangular solve against I is ~2.5x faster than inv_ex (LU) and steadier under load.
+        eye = torch.eye(m, dtype=L.dtype, device=L.device).expand_as(L)
+        return torch.bmm(torch.linalg.solve_triangular(L, eye, upper=False), G, out=out)
     Wt = torch.linalg.solve_triangular(
         L.transpose(1, 2), G.transpose(1, 2), upper=True, left=False
     )
-    return Wt.transpose(1, 2)
+    if out is None:
+        return Wt.transpose(1, 2)
+    return out.copy_(Wt.transpose(1, 2))
 
 
 class _Group:
@@ -125,8 +147,17 @@ class _Group:
         self.sample_space = False
 
     def chunks(self, m: int) -> list[slice]:
+        """Runs of at most ``CHUNK_ELEMENTS // (m·B)`` blocks, each run lying end to end.
+
+        Consecutive blocks of one layer are a strided view of the gradients, so a chunk
+        that never spans a gap needs no gather.
+        """
         step = max(1, CHUNK_ELEMENTS // max(1, m * self.size))
-        return [slice(i, i + step) for i in range(0, len(self.ids), step)]
+        gaps = ((self.starts.diff() != self.size).nonzero().reshape(-1) + 1).tolist()
+        out = []
+        for lo, hi in zip([0, *gaps], [*gaps, len(self.ids)], strict=True):
+            out += [slice(i, min(i + step, hi)) for i in range(lo, hi, step)]
+        return out
 
 
 class EmpiricalFisherInverse(InverseCurvature):
@@ -213,6 +244,16 @@ class EmpiricalFisherInverse(InverseCurvature):
     def _gather(self, grp: _Group, sl: slice) -> Tensor:
         """(nb, m, B) gradients of the blocks ``sl`` of a group."""
         index = grp.index[sl]
+        starts = grp.starts[sl]
+        nb, size = index.shape
+        if bool((starts.diff() == size).all()):
+            # Consecutive blocks of one layer: a strided view of the gradients, no copy.
+            g = self.grads
+            return g.as_strided(
+                (nb, g.shape[0], size),
+                (size * g.stride(1), g.stride(0), g.stride(1)),
+                g.storage_offset() + int(starts[0]) * g.stride(1),
+            )
         # index_select on a flat index is several times faster than 2-D advanced indexing.
         picked = self.grads.index_select(1, index.reshape(-1))
         return picked.reshape(self.num_grads, *index.shape).permute(1, 0, 2)
@@ -228,15 +269,16 @@ class EmpiricalFisherInverse(InverseCurvature):
         for size, ids in by_size.items():
             starts = torch.tensor([self.blocks[b][0] for b in ids], device=self.device)
             grp = _Group(size, starts, ids)
-            grp.sample_space = m < size
+            # Sample space also for m = B: 3m²B + m³/3 flops against 2mB² + 7B³/3 for dense.
+            grp.sample_space = m <= size
             shape = (len(ids), m, size) if grp.sample_space else (len(ids), size, size)
             grp.factor = torch.empty(shape, dtype=self.dtype, device=self.device)
             for sl in grp.chunks(m):
                 G = self._gather(grp, sl)
                 if grp.sample_space:
-                    K = G @ G.transpose(1, 2)
+                    K = _gram_lower(G)  # Cholesky reads only the lower triangle
                     K.diagonal(dim1=1, dim2=2).add_(m * lam)
-                    grp.factor[sl] = _left_solve_lower(torch.linalg.cholesky(K), G)
+                    _left_solve_lower(torch.linalg.cholesky(K), G, out=grp.factor[sl])
                 else:
                     F = G.transpose(1, 2) @ G / m
                     F.diagonal(dim1=1, dim2=2).add_(lam)
@@ -275,7 +317,9 @@ class EmpiricalFisherInverse(InverseCurvature):
             else:
                 for grp in self._groups:
                     if grp.sample_space:
-                        vals = (1 - grp.factor.square().sum(1)) / self.damp
+                        # vector_norm reads W once; square().sum() writes a W-sized temporary.
+                        sq = torch.linalg.vector_norm(grp.factor, dim=1).square()
+                        vals = (1 - sq) / self.damp
                     else:
                         vals = grp.factor.diagonal(dim1=1, dim2=2)
                     out[grp.index] = vals

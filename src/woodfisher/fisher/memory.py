@@ -39,7 +39,7 @@ class MemoryPlan:
     """The largest allocations of one way of building the inverse.
 
     Attributes:
-        path: Which route is taken, e.g. ``"fast path, sample space (m < B)"``.
+        path: Which route is taken, e.g. ``"fast path, sample space (m <= B)"``.
         total_bytes: Peak estimate: kept tensors plus the largest working set.
         parts: Bytes of each named allocation.
         block_size: The block size the plan is for (None = the full matrix).
@@ -65,7 +65,7 @@ def plan_memory(
 ) -> MemoryPlan:
     """Bytes of the biggest allocations needed to build the inverse empirical Fisher.
 
-    Blocks with more entries than gradients (``m < B``) are kept in sample space (an (m, B)
+    Blocks with more entries than gradients (``m ≤ B``) are kept in sample space (an (m, B)
     factor per block); the others as dense (B, B) inverses. The (m, d) gradients are counted
     too, since the inverse keeps them.
 
@@ -85,7 +85,7 @@ def plan_memory(
 
     Example:
         >>> str(plan_memory(1000, 10, 100, dtype=torch.float64))  # doctest: +ELLIPSIS
-        'fast path, sample space (m < B): 250.0 KiB (gradients 78.1 KiB, ...)'
+        'fast path, sample space (m <= B): 250.0 KiB (gradients 78.1 KiB, ...)'
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose from {list(ALGORITHMS)}")
@@ -105,12 +105,12 @@ def plan_memory(
         for b, n in counts.items():
             chunk = max(1, min(n, CHUNK_ELEMENTS // max(1, m * b)))
             gathered = chunk * m * b
-            if m < b:
-                routes.add("sample space (m < B)")
+            if m <= b:
+                routes.add("sample space (m <= B)")
                 kept += n * m * b
                 working = max(working, gathered + 2 * chunk * m * m)
             else:
-                routes.add("dense Cholesky (m >= B)")
+                routes.add("dense Cholesky (m > B)")
                 kept += n * b * b
                 working = max(working, gathered + 2 * chunk * b * b)
         parts["inverse factors"] = kept * item
