@@ -98,8 +98,13 @@ def _layer_table(layers: list[dict[str, Any]]) -> Table:
     for col in ("layer", "shape", "params", "zeros", "sparsity"):
         table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
     for row in layers:
-        table.add_row(row["name"], "×".join(map(str, row["shape"])), str(row["numel"]),
-                      str(row["zeros"]), f"{row['sparsity']:.2%}")
+        table.add_row(
+            row["name"],
+            "×".join(map(str, row["shape"])),
+            str(row["numel"]),
+            str(row["zeros"]),
+            f"{row['sparsity']:.2%}",
+        )
     return table
 
 
@@ -114,11 +119,16 @@ def _checkpoint_and_data(
     saved = info["dataset"]
     name = dataset or saved.get("dataset")
     if not name:
-        raise ValueError(f"checkpoint {checkpoint} names no dataset; pass --dataset "
-                         f"({', '.join(sorted(DATASETS))})")
+        raise ValueError(
+            f"checkpoint {checkpoint} names no dataset; pass --dataset "
+            f"({', '.join(sorted(DATASETS))})"
+        )
     same = name == saved.get("dataset") and "mean" in saved
-    splits = load_dataset(name, data_dir=None if data_dir is None else str(data_dir),
-                          normalisation=saved if same else None)
+    splits = load_dataset(
+        name,
+        data_dir=None if data_dir is None else str(data_dir),
+        normalisation=saved if same else None,
+    )
     return model, info, splits
 
 
@@ -159,15 +169,31 @@ def train(
     if default_out:
         out = Path("runs") / f"{model}-{dataset}-seed{seed}.pt"
     _, info = train_and_save(
-        model, dataset, out=str(out), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-        momentum=momentum, weight_decay=weight_decay, schedule=schedule,
-        data_dir=None if data_dir is None else str(data_dir), progress=not quiet,
+        model,
+        dataset,
+        out=str(out),
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        data_dir=None if data_dir is None else str(data_dir),
+        progress=not quiet,
         create_dir=default_out,
     )
     meta = info["meta"]
-    result = {"checkpoint": str(out), "model": model, "dataset": dataset, "seed": seed,
-              "epochs": epochs, "accuracy": meta["test_accuracy"], "loss": meta["test_loss"],
-              "train_time_s": meta["time_s"]}
+    result = {
+        "checkpoint": str(out),
+        "model": model,
+        "dataset": dataset,
+        "seed": seed,
+        "epochs": epochs,
+        "accuracy": meta["test_accuracy"],
+        "loss": meta["test_loss"],
+        "train_time_s": meta["time_s"],
+    }
     if json_out:
         typer.echo(json.dumps(result))
         return
@@ -196,17 +222,27 @@ def evaluate(
     name = splits.name
     result = evaluate_model(model, splits.test)
     report = sparsity_report(model)
-    out = {"checkpoint": str(checkpoint), "model": info["model"]["name"], "dataset": name,
-           "accuracy": result["accuracy"], "loss": result["loss"], "n": result["n"],
-           "sparsity": report["sparsity"], "zeros": report["zeros"], "numel": report["numel"],
-           "layers": report["layers"]}
+    out = {
+        "checkpoint": str(checkpoint),
+        "model": info["model"]["name"],
+        "dataset": name,
+        "accuracy": result["accuracy"],
+        "loss": result["loss"],
+        "n": result["n"],
+        "sparsity": report["sparsity"],
+        "zeros": report["zeros"],
+        "numel": report["numel"],
+        "layers": report["layers"],
+    }
     if json_out:
         typer.echo(json.dumps(out))
         return
     console = _stdout()
-    console.print(f"{out['model']} on {name} (test, {result['n']} samples): accuracy "
-                  f"{result['accuracy']:.2%}, loss {result['loss']:.4f}, "
-                  f"sparsity {report['sparsity']:.2%}")
+    console.print(
+        f"{out['model']} on {name} (test, {result['n']} samples): accuracy "
+        f"{result['accuracy']:.2%}, loss {result['loss']:.4f}, "
+        f"sparsity {report['sparsity']:.2%}"
+    )
     console.print(_layer_table(report["layers"]))
 
 
@@ -217,8 +253,11 @@ def demo(
         "runs/demo"
     ),
     dataset: Annotated[
-        str | None, typer.Option(help="fashion-mnist or digits (default: Fashion-MNIST if "
-                                      "its files are found, else digits).")
+        str | None,
+        typer.Option(
+            help="fashion-mnist or digits (default: Fashion-MNIST if "
+            "its files are found, else digits)."
+        ),
     ] = None,
     data_dir: Annotated[Path | None, typer.Option(help=DATA_DIR_HELP)] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
@@ -232,17 +271,26 @@ def demo(
     """Train (or reuse) MLPNet, evaluate it and print the results."""
     from woodfisher.demo import run_demo
 
-    res = run_demo(out_dir, dataset=dataset, epochs=epochs, seed=seed,
-                   data_dir=None if data_dir is None else str(data_dir), retrain=retrain,
-                   progress=not quiet, log=_stderr_log(quiet))
+    res = run_demo(
+        out_dir,
+        dataset=dataset,
+        epochs=epochs,
+        seed=seed,
+        data_dir=None if data_dir is None else str(data_dir),
+        retrain=retrain,
+        progress=not quiet,
+        log=_stderr_log(quiet),
+    )
     if json_out:
         typer.echo(json.dumps(res))
         return
     console = _stdout()
     how = "cached" if res["reused"] else "trained"
-    console.print(f"{res['model']} on {res['dataset']} ({how}, {res['epochs']} epochs, "
-                  f"{res['train_time_s']:.1f} s training): test accuracy {res['accuracy']:.2%}, "
-                  f"loss {res['loss']:.4f}")
+    console.print(
+        f"{res['model']} on {res['dataset']} ({how}, {res['epochs']} epochs, "
+        f"{res['train_time_s']:.1f} s training): test accuracy {res['accuracy']:.2%}, "
+        f"loss {res['loss']:.4f}"
+    )
     console.print(_layer_table(res["layers"]))
     console.print(f"checkpoint: {res['checkpoint']}")
 
@@ -272,10 +320,30 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 METHOD_HELP = "Pruning method: " + ", ".join(sorted(_METHODS)) + "."
-UPDATE_HELP = ("Weight update: none, independent (the paper's summed single-weight OBS steps) or "
-               "joint (exact OBS per block). Default: joint for second-order methods.")
-DAMP_HELP = ("Dampening of the Fisher: a number (absolute), 'relative' (1e-2 x its mean diagonal, "
-             "the default) or 'auto' (pick by held-out loss).")
+UPDATE_HELP = (
+    "Weight update: none, independent (the paper's summed single-weight OBS steps) or "
+    "joint (exact OBS per block). Default: joint for second-order methods."
+)
+DAMP_HELP = (
+    "Dampening of the Fisher: a number (absolute), 'relative' (1e-2 x its mean diagonal, "
+    "the default) or 'auto' (pick by held-out loss)."
+)
+
+RECOMPUTE_HELP = (
+    "Steps to reach the target with fresh curvature between them, or 'auto' (no "
+    "step removes more than a quarter of the remaining weights)."
+)
+
+
+def _parse_recompute(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(
+            f"--recompute must be a positive integer or 'auto', got {text!r}"
+        ) from None
 
 
 @app.command()
@@ -292,9 +360,7 @@ def prune(
         "block_size"
     ],
     damp: Annotated[str | None, typer.Option(help=DAMP_HELP)] = None,
-    recompute: Annotated[int, typer.Option(help="Reach the target in this many steps.")] = (
-        _DEFAULTS["recompute"]
-    ),
+    recompute: Annotated[str, typer.Option(help=RECOMPUTE_HELP)] = _DEFAULTS["recompute"],
     layers: Annotated[list[str] | None, typer.Option(help="Module name patterns to prune.")] = None,
     skip: Annotated[list[str] | None, typer.Option(help="Module name patterns to skip.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sample draw.")] = 0,
@@ -323,19 +389,45 @@ def prune(
     batches = pruning_batches(splits.train, grads * samples_per_grad + 1000, seed)
     pruned = copy.deepcopy(model)
     result = prune_model(
-        pruned, batches, sparsity, method=method, update=update, scope=scope,
-        num_grads=num_grads, samples_per_grad=samples_per_grad, block_size=block_size,
-        damp=_parse_damp(damp), recompute=recompute, layers=layers or None, skip=skip or None,
-        seed=seed, progress=not quiet,
+        pruned,
+        batches,
+        sparsity,
+        method=method,
+        update=update,
+        scope=scope,
+        num_grads=num_grads,
+        samples_per_grad=samples_per_grad,
+        block_size=block_size,
+        damp=_parse_damp(damp),
+        recompute=_parse_recompute(recompute),
+        layers=layers or None,
+        skip=skip or None,
+        seed=seed,
+        progress=not quiet,
     )
     after = evaluate_model(pruned, splits.test)
-    report = {"checkpoint": str(checkpoint), "model": info["model"]["name"],
-              "dataset": splits.name, "before": before, "after": after,
-              "sparsity": sparsity_report(pruned)["sparsity"], "prune": result.to_dict()}
+    report = {
+        "checkpoint": str(checkpoint),
+        "model": info["model"]["name"],
+        "dataset": splits.name,
+        "before": before,
+        "after": after,
+        "sparsity": sparsity_report(pruned)["sparsity"],
+        "prune": result.to_dict(),
+    }
     if out is not None:
-        save_checkpoint(out, pruned, info["model"], info["dataset"],
-                        {**info["meta"], "pruning": result.to_dict(), "test_accuracy":
-                         after["accuracy"], "test_loss": after["loss"]})
+        save_checkpoint(
+            out,
+            pruned,
+            info["model"],
+            info["dataset"],
+            {
+                **info["meta"],
+                "pruning": result.to_dict(),
+                "test_accuracy": after["accuracy"],
+                "test_loss": after["loss"],
+            },
+        )
         _write_json(out.with_suffix(".json"), report)
         report["out"] = str(out)
     if json_out:
@@ -346,21 +438,26 @@ def prune(
     for col in ("layer", "shape", "params", "sparsity"):
         table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
     for layer in result.layers:
-        table.add_row(layer.name, "×".join(map(str, layer.shape)), str(layer.numel),
-                      f"{layer.sparsity:.2%}")
+        table.add_row(
+            layer.name, "×".join(map(str, layer.shape)), str(layer.numel), f"{layer.sparsity:.2%}"
+        )
     console.print(table)
-    console.print(f"accuracy {before['accuracy']:.2%} -> {after['accuracy']:.2%}, "
-                  f"loss {before['loss']:.4f} -> {after['loss']:.4f}, overall sparsity "
-                  f"{result.sparsity:.2%}; phases: "
-                  + ", ".join(f"{k} {v:.1f} s" for k, v in result.times.items()))
+    console.print(
+        f"accuracy {before['accuracy']:.2%} -> {after['accuracy']:.2%}, "
+        f"loss {before['loss']:.4f} -> {after['loss']:.4f}, overall sparsity "
+        f"{result.sparsity:.2%}; phases: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in result.times.items())
+    )
     if out is not None:
         console.print(f"wrote {out} and {out.with_suffix('.json')}")
 
 
 def _compare_table(report: dict[str, Any]) -> Table:
     sparsities = sorted({r["sparsity"] for r in report["rows"]})
-    table = Table(title=f"test accuracy (%) after one-shot pruning; dense "
-                        f"{100 * report['dense']['accuracy']:.2f}")
+    table = Table(
+        title=f"test accuracy (%) after one-shot pruning; dense "
+        f"{100 * report['dense']['accuracy']:.2f}"
+    )
     table.add_column("method")
     for s in sparsities:
         table.add_column(f"{s:.0%}", justify="right")
@@ -386,9 +483,7 @@ def compare(
         "block_size"
     ],
     damp: Annotated[str | None, typer.Option(help=DAMP_HELP)] = None,
-    recompute: Annotated[int, typer.Option(help="Reach each target in this many steps.")] = (
-        _DEFAULTS["recompute"]
-    ),
+    recompute: Annotated[str, typer.Option(help=RECOMPUTE_HELP)] = _DEFAULTS["recompute"],
     seed: Annotated[int, typer.Option(help="Seed of the sample draw.")] = 0,
     data_dir: Annotated[Path | None, typer.Option(help=DATA_DIR_HELP)] = None,
     out: Annotated[Path, typer.Option(help="JSON report to write (and a PNG beside it).")] = Path(
@@ -404,14 +499,27 @@ def compare(
     check_writable(out)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     model, info, splits = _checkpoint_and_data(checkpoint, None, data_dir)
-    options = {"update": update, "num_grads": num_grads, "block_size": block_size,
-               "damp": _parse_damp(damp), "recompute": recompute}
-    report = run_compare(model, splits, method_list, _parse_floats(sparsities, "--sparsities"),
-                         seed=seed, options=options, log=_stderr_log(quiet))
+    options = {
+        "update": update,
+        "num_grads": num_grads,
+        "block_size": block_size,
+        "damp": _parse_damp(damp),
+        "recompute": _parse_recompute(recompute),
+    }
+    report = run_compare(
+        model,
+        splits,
+        method_list,
+        _parse_floats(sparsities, "--sparsities"),
+        seed=seed,
+        options=options,
+        log=_stderr_log(quiet),
+    )
     report["checkpoint"] = str(checkpoint)
     _write_json(out, report)
-    png = plot_compare(report, out.with_suffix(".png"),
-                       title=f"{info['model']['name']} on {splits.name}, one-shot")
+    png = plot_compare(
+        report, out.with_suffix(".png"), title=f"{info['model']['name']} on {splits.name}, one-shot"
+    )
     console = _stdout()
     console.print(_compare_table(report))
     console.print(f"wrote {out} and {png}")
@@ -477,8 +585,10 @@ def gradual(
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
     out: Annotated[
         Path | None,
-        typer.Option(help="Output checkpoint (default: CHECKPOINT-gradual.pt); the resume file, "
-                          "JSON log and PNG plot are written next to it."),
+        typer.Option(
+            help="Output checkpoint (default: CHECKPOINT-gradual.pt); the resume file, "
+            "JSON log and PNG plot are written next to it."
+        ),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT's resume file.")] = False,
     data_dir: Annotated[Path | None, typer.Option(help=DATA_DIR_HELP)] = None,
@@ -490,15 +600,30 @@ def gradual(
 
     if (checkpoint is None) == (checkpoint_opt is None):
         raise ValueError("give the checkpoint once: as the argument or as --checkpoint")
-    options = {"num_grads": num_grads, "block_size": block_size, "update": update,
-               "damp": _parse_damp(damp)}
+    options = {
+        "num_grads": num_grads,
+        "block_size": block_size,
+        "update": update,
+        "damp": _parse_damp(damp),
+    }
     res = run_gradual(
-        checkpoint or checkpoint_opt, out=out, final_sparsity=sparsity,
-        initial_sparsity=initial_sparsity, epochs=epochs, start=start, end=end,
-        prune_every=prune_every, method=method, lr=lr, batch_size=batch_size,
+        checkpoint or checkpoint_opt,
+        out=out,
+        final_sparsity=sparsity,
+        initial_sparsity=initial_sparsity,
+        epochs=epochs,
+        start=start,
+        end=end,
+        prune_every=prune_every,
+        method=method,
+        lr=lr,
+        batch_size=batch_size,
         prune_options={k: v for k, v in options.items() if v is not None},
-        train_subset=train_subset, seed=seed, resume=resume,
-        data_dir=None if data_dir is None else str(data_dir), progress=not quiet,
+        train_subset=train_subset,
+        seed=seed,
+        resume=resume,
+        data_dir=None if data_dir is None else str(data_dir),
+        progress=not quiet,
     )
     if json_out:
         typer.echo(json.dumps(res))
@@ -508,7 +633,6 @@ def gradual(
         f"accuracy {res['accuracy']:.2%} (dense {res['dense_accuracy']:.2%}) -> {res['checkpoint']}"
         f" (log {res['log']}, plot {res['plot']}, resume {res['resume']})"
     )
-
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m woodfisher.cli`

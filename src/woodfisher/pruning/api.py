@@ -34,7 +34,7 @@ from woodfisher.pruning.methods import (
     relative_damp_scale,
     resolve_update,
 )
-from woodfisher.pruning.schedule import interpolate
+from woodfisher.pruning.schedule import auto_steps, interpolate
 from woodfisher.pruning.select import SCOPES, check_sparsity, select_by_sparsity
 
 
@@ -409,7 +409,7 @@ def prune(
     samples_per_grad: int = DEFAULTS["samples_per_grad"],
     block_size: int | None = DEFAULTS["block_size"],
     damp: float | str | None = None,
-    recompute: int = DEFAULTS["recompute"],
+    recompute: int | str = DEFAULTS["recompute"],
     seed: int = 0,
     val_data: Iterable | None = None,
     progress: bool = False,
@@ -443,8 +443,11 @@ def prune(
             ``"auto"`` to pick the relative damp from ``DEFAULTS["damp_grid"]`` by the loss on
             held-out samples (``val_data`` or the samples of ``data`` after the gradients').
         recompute: Number of steps to reach the target (sparsities from
-            :func:`~woodfisher.pruning.schedule.interpolate`, cubic), with fresh gradients and a
-            fresh inverse at each.
+            :func:`~woodfisher.pruning.schedule.interpolate`, ``DEFAULTS["schedule"]``), with
+            fresh gradients and a fresh inverse at each; ``"auto"`` (the default) takes as many
+            as :func:`~woodfisher.pruning.schedule.auto_steps` needs so that no step removes
+            more than ``DEFAULTS["max_step_removed"]`` of the remaining weights (1 for
+            magnitude).
         seed: Seed for gradient sampling; recorded in the result.
         val_data: Held-out batches for ``damp="auto"``.
         progress: Show progress bars.
@@ -468,8 +471,10 @@ def prune(
     upd = resolve_update(meth, update)
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; choose from {list(SCOPES)}")
-    if isinstance(recompute, bool) or not isinstance(recompute, int) or recompute < 1:
-        raise ValueError(f"recompute must be a positive integer, got {recompute!r}")
+    if recompute != "auto" and (
+        isinstance(recompute, bool) or not isinstance(recompute, int) or recompute < 1
+    ):
+        raise ValueError(f"recompute must be a positive integer or 'auto', got {recompute!r}")
     if num_grads is None:
         num_grads = (
             DEFAULTS["kfac_num_batches"] if meth.curvature == "kfac" else DEFAULTS["num_grads"]
@@ -622,6 +627,12 @@ def _run(
     """All recomputation steps on ``model``; returns the summed stats."""
     current = float((~flat_masks(modules)).sum()) / layout.d
     kind = DEFAULTS["schedule"]
+    if recompute == "auto":
+        # Magnitudes do not change between steps, so more steps would only repeat the work.
+        recompute = (
+            1 if meth.curvature is None
+            else auto_steps(current, sparsity, DEFAULTS["max_step_removed"])
+        )
     targets = interpolate(current, sparsity, recompute, kind)
     # Overridden layers follow the same schedule towards their own targets.
     per_layer = {}

@@ -19,12 +19,14 @@ UPDATES = ("none", "independent", "joint")
 
 #: Defaults of :func:`woodfisher.pruning.prune`, each with the reason it was chosen.
 DEFAULTS: dict[str, object] = {
-    # The paper's MLPNet/ResNet runs use ~1000 per-sample gradients (fisher-mini-bsz 1).
-    "num_grads": 1000,
+    # 500 per-sample gradients (fisher-mini-bsz 1): with recompute="auto" (several steps) this
+    # met every quality target on the Fashion-MNIST MLPNets (see README) at a quarter of the
+    # m² cost of the paper's 1000.
+    "num_grads": 500,
     "samples_per_grad": 1,
     # A block as wide as the number of gradients lets each block's Fisher reach full rank
     # (rank ≤ m); wider blocks are rank-deficient and lean on damp.
-    "block_size": 1000,
+    "block_size": 500,
     # damp=None means relative: damp = relative_damp · mean(diag(GᵀG/m)), so one default works
     # whatever the gradient scale of the model. A float passed as damp is absolute.
     "relative_damp": 1e-2,
@@ -36,10 +38,16 @@ DEFAULTS: dict[str, object] = {
     "kfac_num_batches": 50,
     # The absolute damp K-FAC gets when damp=None (its factors are not on the EF scale).
     "kfac_damp": 1e-3,
-    # Steps to reach a one-shot target, with fresh gradients and inverse between them.
-    "recompute": 1,
-    # Recomputation schedule: "cubic" (Zhu & Gupta's polynomial, larger steps first) or "linear".
-    "schedule": "cubic",
+    # Steps to reach a one-shot target, with fresh gradients and inverse between them. "auto":
+    # as many geometric steps as needed so that none removes more than max_step_removed of the
+    # remaining weights (3 steps to 50 %, 9 to 90 %, 14 to 98 %). On MLPNet 784-40-20-10 at
+    # 98 % this lifts the joint update from 34 % (1 step) to 69 % test accuracy.
+    "recompute": "auto",
+    "max_step_removed": 0.25,
+    # Recomputation schedule: "geometric" (the same fraction of the remaining weights per
+    # step: at 95 % with 8 steps 79.8 % accuracy against 68.4 % for cubic), "cubic" (Zhu &
+    # Gupta's polynomial, larger steps first) or "linear".
+    "schedule": "geometric",
 }
 
 
@@ -81,13 +89,16 @@ def _woodtaylor(
     )
 
 
-# The paper's code applies the independent (summed) update; "joint" is the exact per-block OBS.
+# The paper's code applies the independent (summed) update; "joint" is the exact per-block OBS
+# and measures better (MLPNet 784-40-20-10 at 90 %, one step: 83.6 % against 70.3 %). Diagonal
+# and K-FAC curvature keep "independent": for a diagonal F the two coincide, and K-FAC offers
+# no exact joint step inside a large layer.
 METHODS: dict[str, Method] = {
     "magnitude": Method("magnitude", None, _magnitude, False, "none", ("none",)),
     "diag-fisher": Method("diag-fisher", "diagonal", _obs, False, "independent"),
     "kfac": Method("kfac", "kfac", _obs, False, "independent"),
-    "woodfisher": Method("woodfisher", "woodfisher", _obs, False, "independent"),
-    "woodtaylor": Method("woodtaylor", "woodfisher", _woodtaylor, True, "independent"),
+    "woodfisher": Method("woodfisher", "woodfisher", _obs, False, "joint"),
+    "woodtaylor": Method("woodtaylor", "woodfisher", _woodtaylor, True, "joint"),
 }
 
 

@@ -79,9 +79,14 @@ def pruning_steps(
     return {t: polynomial_sparsity(t, initial, final, start, end) for t in times}
 
 
+SCHEDULES = ("geometric", "cubic", "linear")
+
+
 def interpolate(current: float, target: float, steps: int, kind: str = "cubic") -> list[float]:
     """Intermediate sparsities from ``current`` to ``target`` in ``steps`` equal time steps.
 
+    ``geometric`` removes the same fraction of the remaining weights at every step, so the
+    quadratic model behind each OBS step is asked to extrapolate equally far each time;
     ``cubic`` follows :func:`polynomial_sparsity` (large steps first while many weights are
     left); ``linear`` spaces them evenly. Used to reach a one-shot target in several prunes
     with fresh curvature between them.
@@ -90,7 +95,7 @@ def interpolate(current: float, target: float, steps: int, kind: str = "cubic") 
         current: Sparsity now.
         target: Final sparsity.
         steps: Number of steps (>= 1).
-        kind: ``"cubic"`` or ``"linear"``.
+        kind: One of :data:`SCHEDULES`.
 
     Returns:
         ``steps`` sparsities, non-decreasing, ending at ``target`` exactly.
@@ -101,11 +106,38 @@ def interpolate(current: float, target: float, steps: int, kind: str = "cubic") 
     Example:
         >>> interpolate(0.0, 0.8, 2, "linear")
         [0.4, 0.8]
+        >>> [round(s, 4) for s in interpolate(0.0, 0.99, 2, "geometric")]
+        [0.9, 0.99]
     """
-    if kind not in ("cubic", "linear"):
-        raise ValueError(f"unknown schedule {kind!r}; choose from ['cubic', 'linear']")
-    if kind == "cubic":
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown schedule {kind!r}; choose from {list(SCHEDULES)}")
+    if kind == "geometric":
+        ratio = (1 - target) / (1 - current)
+        out = [1 - (1 - current) * ratio ** (t / steps) for t in range(1, steps)]
+    elif kind == "cubic":
         out = [polynomial_sparsity(t, current, target, 0, steps) for t in range(1, steps)]
     else:
         out = [current + (target - current) * t / steps for t in range(1, steps)]
     return [max(current, s) for s in out] + [target]
+
+
+def auto_steps(current: float, target: float, max_removed: float = 0.25) -> int:
+    """The fewest :func:`interpolate` ``geometric`` steps that each remove at most
+    ``max_removed`` of the weights still present.
+
+    Args:
+        current: Sparsity now.
+        target: Final sparsity.
+        max_removed: Largest fraction of the remaining weights one step may remove, in (0, 1).
+
+    Returns:
+        At least 1.
+
+    Example:
+        >>> [auto_steps(0.0, s) for s in (0.5, 0.9, 0.95, 0.98)]
+        [3, 9, 11, 14]
+    """
+    if target <= current:
+        return 1
+    ratio = math.log((1 - target) / (1 - current)) / math.log(1 - max_removed)
+    return max(1, math.ceil(ratio - 1e-9))
