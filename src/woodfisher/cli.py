@@ -265,10 +265,11 @@ def demo(
         None
     ),
     retrain: Annotated[bool, typer.Option(help="Ignore a cached checkpoint.")] = False,
+    prune: Annotated[bool, typer.Option(help="Compare pruning methods after training.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Train (or reuse) MLPNet, evaluate it and print the results."""
+    """Train (or reuse) MLPNet, then prune it one-shot with four methods at 50-98 %."""
     from woodfisher.demo import run_demo
 
     res = run_demo(
@@ -278,6 +279,7 @@ def demo(
         seed=seed,
         data_dir=None if data_dir is None else str(data_dir),
         retrain=retrain,
+        prune=prune,
         progress=not quiet,
         log=_stderr_log(quiet),
     )
@@ -291,8 +293,10 @@ def demo(
         f"{res['train_time_s']:.1f} s training): test accuracy {res['accuracy']:.2%}, "
         f"loss {res['loss']:.4f}"
     )
-    console.print(_layer_table(res["layers"]))
     console.print(f"checkpoint: {res['checkpoint']}")
+    if res["comparison"] is not None:
+        console.print(_compare_table(res["comparison"]))
+        console.print(f"wrote {res['report']} and {res['plot']}")
 
 
 def _parse_damp(damp: str | None) -> float | str | None:
