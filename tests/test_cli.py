@@ -127,12 +127,28 @@ def test_train_on_fake_fashion_dir(tmp_path, monkeypatch):
 
 
 def test_demo_falls_back_to_digits_and_reuses(tmp_path):
+    # The pruning half of the demo is tested with cheap options in test_demo_prunes_and_plots.
     args = ["demo", "--out-dir", str(tmp_path), "--data-dir", str(tmp_path / "none"),
-            "--epochs", "2", "-q", "--json"]
+            "--epochs", "2", "-q", "--json", "--no-prune"]
     first = json.loads(_ok(args).stdout)
     assert first["dataset"] == "digits" and not first["reused"]
+    assert first["comparison"] is None
     second = json.loads(_ok(args).stdout)
     assert second["reused"] and second["accuracy"] == first["accuracy"]
+
+
+def test_demo_prunes_and_plots(tmp_path):
+    from woodfisher.demo import DEMO_METHODS, run_demo
+
+    res = run_demo(tmp_path, dataset="digits", epochs=2, sparsities=(0.5, 0.9), progress=False,
+                   prune_options={"num_grads": 32, "block_size": 32, "recompute": 1})
+    rows = res["comparison"]["rows"]
+    assert [(r["method"], r["sparsity"]) for r in rows] == [
+        (m, s) for m in DEMO_METHODS for s in (0.5, 0.9)
+    ]
+    assert all(r["layers"] and 0 <= r["accuracy"] <= 1 for r in rows)
+    assert Path(res["plot"]).stat().st_size > 1000
+    assert json.loads(Path(res["report"]).read_text())["rows"] == rows
 
 
 def test_user_errors_decorator_is_reusable():

@@ -1,7 +1,17 @@
 """woodfisher: compress neural networks with second-order information.
 
-Data, models, checkpoints and the train/evaluate loop that the curvature and pruning code
-build on. See ``woodfisher --help`` for the command line.
+WoodFisher (Singh & Alistarh, NeurIPS 2020): a block-diagonal inverse empirical Fisher built
+with the Woodbury identity, used for Optimal Brain Surgeon pruning, with the baselines people
+compare against. See ``woodfisher --help`` for the command line.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    >>> data = [(torch.randn(32, 8), torch.randint(0, 3, (32,))) for _ in range(4)]
+    >>> result = prune(net, data, 0.5, num_grads=64, block_size=32)
+    >>> result.sparsity
+    0.5
 """
 
 __version__ = "0.1.0"
@@ -11,6 +21,7 @@ from woodfisher.checkpoint import (  # noqa: E402
     load_checkpoint,
     save_checkpoint,
 )
+from woodfisher.compare import compare  # noqa: E402
 from woodfisher.data import (  # noqa: E402
     DATASETS,
     DataError,
@@ -19,7 +30,21 @@ from woodfisher.data import (  # noqa: E402
     load_dataset,
     synthetic,
 )
+from woodfisher.fisher import (  # noqa: E402
+    DenseInverse,
+    DiagonalFisherInverse,
+    EmpiricalFisherInverse,
+    InverseCurvature,
+    KFACInverse,
+    exact_empirical_fisher,
+    exact_hessian,
+    kfac_inverse,
+    plan_memory,
+)
+from woodfisher.gradients import gradient_layout, sample_gradients  # noqa: E402
+from woodfisher.gradual import GradualConfig, GradualError, gradual  # noqa: E402
 from woodfisher.models import MODELS, ShapeError, build_model, check_input  # noqa: E402
+from woodfisher.pruning import METHODS, PruneResult, bake, prune  # noqa: E402
 from woodfisher.train import (  # noqa: E402
     enforce_masks,
     evaluate,
@@ -52,4 +77,25 @@ __all__ = [
     "sparsity_report",
     "train",
     "train_and_save",
+    # curvature
+    "sample_gradients",
+    "gradient_layout",
+    "InverseCurvature",
+    "DenseInverse",
+    "EmpiricalFisherInverse",
+    "DiagonalFisherInverse",
+    "KFACInverse",
+    "kfac_inverse",
+    "plan_memory",
+    "exact_hessian",
+    "exact_empirical_fisher",
+    # pruning
+    "METHODS",
+    "PruneResult",
+    "prune",
+    "bake",
+    "compare",
+    "gradual",
+    "GradualConfig",
+    "GradualError",
 ]

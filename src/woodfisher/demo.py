@@ -49,6 +49,9 @@ def run_demo(
     data_dir: str | os.PathLike | None = None,
     retrain: bool = False,
     prune: bool = True,
+    methods: tuple[str, ...] = DEMO_METHODS,
+    sparsities: tuple[float, ...] = DEMO_SPARSITIES,
+    prune_options: dict[str, Any] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -65,6 +68,9 @@ def run_demo(
         retrain: Train even if a matching cached checkpoint exists.
         prune: Run the pruning comparison (``DEMO_METHODS`` × ``DEMO_SPARSITIES``, each method
             walking the sparsities in order; see :func:`woodfisher.compare.compare`).
+        methods: Methods to compare.
+        sparsities: Sparsities to compare them at.
+        prune_options: Extra options for :func:`woodfisher.prune` (default: its defaults).
         progress: Show progress bars on stderr.
         log: Receives one-line status messages (nothing is printed otherwise).
 
@@ -106,8 +112,8 @@ def run_demo(
     if prune:
         from woodfisher.compare import compare, plot_compare
 
-        comparison = compare(net, splits, DEMO_METHODS, DEMO_SPARSITIES, seed=seed,
-                             sequential=True, log=log)
+        comparison = compare(net, splits, methods, sparsities, seed=seed,
+                             options=prune_options, sequential=True, log=log)
         report_path = ckpt.with_suffix(".compare.json")
         tmp = report_path.with_name(f".{report_path.name}.tmp")
         tmp.write_text(json.dumps(comparison, indent=2) + "\n")
