@@ -22,7 +22,9 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 data:
 	@if [ ! -d "$(DATA_DIR)" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	     apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; then \
+	     { apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	       { apt-get update -qq >/dev/null 2>&1 && \
+	         apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; }; }; then \
 	    echo "installed dataset-fashion-mnist"; \
 	  else \
 	    echo "Fashion-MNIST not found at $(DATA_DIR); the demo falls back to sklearn digits."; \
