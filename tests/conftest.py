@@ -44,3 +44,31 @@ def fashion_dir(tmp_path: Path) -> Path:
     d = tmp_path / "fmnist"
     write_fashion_dir(d)
     return d
+
+
+def cli_ok(args):
+    """Invoke the CLI, assert exit code 0, return the result."""
+    from typer.testing import CliRunner
+
+    from woodfisher.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def cli_bad(args, *fragments):
+    """Invoke the CLI, assert a one-line ``Error:`` with ``fragments``, exit 2, empty stdout."""
+    from typer.testing import CliRunner
+
+    from woodfisher.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    err = result.stderr.strip()
+    assert err.startswith("Error: ") and "\n" not in err, err
+    for f in fragments:
+        assert f in err, err
+    assert result.stdout == ""
+    return err

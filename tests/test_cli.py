@@ -7,28 +7,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import cli_bad as _bad
+from conftest import cli_ok as _ok
 from conftest import write_fashion_dir
 from woodfisher.cli import app
 
 runner = CliRunner()
 
 
-def _ok(args):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def _bad(args, *fragments):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    err = result.stderr.strip()
-    assert err.startswith("Error: ") and "\n" not in err, err
-    for f in fragments:
-        assert f in err, err
-    assert result.stdout == ""
-    return err
 
 
 @pytest.fixture(scope="module")

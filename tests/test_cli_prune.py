@@ -8,28 +8,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import cli_bad as _bad
+from conftest import cli_ok as _ok
 from woodfisher.checkpoint import load_checkpoint
-from woodfisher.cli import app
 
 runner = CliRunner()
 FAST = ["--num-grads", "64", "--block-size", "64", "-q"]
 
 
-def _ok(args):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def _bad(args, *fragments):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    err = result.stderr.strip()
-    assert err.startswith("Error: ") and "\n" not in err, err
-    for f in fragments:
-        assert f in err, err
-    return err
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import tempfile
@@ -93,12 +94,29 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
+def _atomic_write(path: str | os.PathLike, write: Any, mode: str) -> Path:
+    """Write ``path`` through a temporary file in its directory, fsync, then ``os.replace``.
+
+    A crash or SIGKILL at any moment leaves either the old file or the new one, and no
+    temporary file is left behind on error.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` ``obj`` to ``path`` so that ``path`` is never half-written.
-
-    The data goes to a temporary file in the same directory, is flushed and fsynced, then
-    renamed over ``path`` with ``os.replace`` (atomic on POSIX): a crash or SIGKILL at any
-    moment leaves either the old file or the new one, and no temporary file on error.
 
     Args:
         obj: Anything ``torch.save`` accepts (keep it loadable with ``weights_only=True``).
@@ -110,20 +128,25 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     Raises:
         OSError: If the directory is missing or not writable (the destination is untouched).
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return _atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
+
+def atomic_save_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` so that ``path`` is never half-written.
+
+    Args:
+        obj: JSON-serialisable data (anything else is written as its ``str``).
+        path: The destination; its directory must exist.
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        OSError: If the directory is missing or not writable (the destination is untouched).
+    """
+    return _atomic_write(
+        path, lambda f: f.write(json.dumps(obj, indent=2, default=str) + "\n"), "w"
+    )
 
 def _plain(value: Any) -> Any:
     """Reduce ``value`` to types ``torch.load(weights_only=True)`` accepts.

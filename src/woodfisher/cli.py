@@ -317,12 +317,6 @@ def _parse_floats(text: str, what: str) -> list[float]:
         raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-
-
 METHOD_HELP = "Pruning method: " + ", ".join(sorted(_METHODS)) + "."
 UPDATE_HELP = (
     "Weight update: none, independent (the paper's summed single-weight OBS steps) or "
@@ -378,7 +372,7 @@ def prune(
     """Prune CHECKPOINT one-shot; print a table and write the pruned model and a JSON report."""
     import copy
 
-    from woodfisher.checkpoint import check_writable, save_checkpoint
+    from woodfisher.checkpoint import atomic_save_json, check_writable, save_checkpoint
     from woodfisher.compare import pruning_batches
     from woodfisher.pruning import prune as prune_model
     from woodfisher.train import evaluate as evaluate_model
@@ -432,7 +426,7 @@ def prune(
                 "test_loss": after["loss"],
             },
         )
-        _write_json(out.with_suffix(".json"), report)
+        atomic_save_json(report, out.with_suffix(".json"))
         report["out"] = str(out)
     if json_out:
         typer.echo(json.dumps(report))
@@ -496,7 +490,7 @@ def compare(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Prune CHECKPOINT with several methods at several sparsities; table, JSON and plot."""
-    from woodfisher.checkpoint import check_writable
+    from woodfisher.checkpoint import atomic_save_json, check_writable
     from woodfisher.compare import compare as run_compare
     from woodfisher.compare import plot_compare
 
@@ -520,7 +514,7 @@ def compare(
         log=_stderr_log(quiet),
     )
     report["checkpoint"] = str(checkpoint)
-    _write_json(out, report)
+    atomic_save_json(report, out)
     png = plot_compare(
         report, out.with_suffix(".png"), title=f"{info['model']['name']} on {splits.name}, one-shot"
     )

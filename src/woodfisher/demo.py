@@ -8,13 +8,12 @@ write the accuracy-vs-sparsity table (JSON) and plot (PNG) beside the checkpoint
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from woodfisher.checkpoint import CheckpointError, load_checkpoint
+from woodfisher.checkpoint import CheckpointError, atomic_save_json, load_checkpoint
 from woodfisher.data import DataError, fashion_mnist_files, load_dataset
 from woodfisher.train import evaluate, sparsity_report, train_and_save
 
@@ -115,9 +114,7 @@ def run_demo(
         comparison = compare(net, splits, methods, sparsities, seed=seed,
                              options=prune_options, sequential=True, log=log)
         report_path = ckpt.with_suffix(".compare.json")
-        tmp = report_path.with_name(f".{report_path.name}.tmp")
-        tmp.write_text(json.dumps(comparison, indent=2) + "\n")
-        tmp.replace(report_path)
+        atomic_save_json(comparison, report_path)
         plot_path = plot_compare(comparison, ckpt.with_suffix(".compare.png"),
                                  title=f"{model} on {dataset}, one-shot, no fine-tuning")
     return {

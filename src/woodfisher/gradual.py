@@ -44,7 +44,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from woodfisher.checkpoint import atomic_save, refresh_pruned_weights, restore_pruning
+from woodfisher.checkpoint import (
+    atomic_save,
+    atomic_save_json,
+    refresh_pruned_weights,
+    restore_pruning,
+)
 from woodfisher.data import as_batches
 from woodfisher.pruning.schedule import pruning_steps
 from woodfisher.train import SCHEDULES, enforce_masks, lr_at
@@ -493,18 +498,8 @@ def save_log(result: GradualResult | dict[str, Any], path: str | os.PathLike) ->
     Returns:
         ``path`` as a ``Path``.
     """
-    path = Path(path)
     data = result.to_dict() if isinstance(result, GradualResult) else result
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_save_json(data, path)
 
 
 def plot_history(history: list[dict[str, Any]], path: str | os.PathLike) -> Path:
