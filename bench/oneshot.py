@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from woodfisher.checkpoint import load_checkpoint
-from woodfisher.compare import compare, plot_compare, pruning_batches
+from woodfisher.compare import compare, compare_table, plot_compare, pruning_batches
 from woodfisher.data import load_dataset
 from woodfisher.pruning import METHODS, prune
 from woodfisher.pruning.methods import DEFAULTS
@@ -40,17 +40,6 @@ def dense(name: str, runs: Path):
         runs.mkdir(parents=True, exist_ok=True)
         train_and_save(name, "fashion-mnist", out=str(path), seed=0, progress=False)
     return load_checkpoint(path)
-
-
-def table(report: dict, title: str) -> Table:
-    t = Table(title=f"{title}; dense {100 * report['dense']['accuracy']:.2f}")
-    t.add_column("method")
-    for s in SPARSITIES:
-        t.add_column(f"{s:.0%}", justify="right")
-    for method in dict.fromkeys(r["method"] for r in report["rows"]):
-        acc = {r["sparsity"]: r["accuracy"] for r in report["rows"] if r["method"] == method}
-        t.add_row(method, *(f"{100 * acc[s]:.2f}" if s in acc else "" for s in SPARSITIES))
-    return t
 
 
 def ablations(model, splits, sparsities, quick: bool) -> list[dict]:
@@ -104,7 +93,7 @@ def main() -> None:
         report = compare(model, splits, methods, SPARSITIES, sequential=True,
                          log=lambda msg: print("  " + msg, flush=True))
         result[name] = report
-        console.print(table(report, f"{name}, one-shot, no fine-tuning"))
+        console.print(compare_table(report, f"{name}, one-shot, no fine-tuning"))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         plot_compare(report, args.out.with_name(f"oneshot-{name}.png"),
                      title=f"{name} on Fashion-MNIST, one-shot")

@@ -25,6 +25,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from woodfisher.compare import compare_table
 from woodfisher.data import DATASETS
 from woodfisher.models import MODELS
 from woodfisher.pruning.methods import DEFAULTS as _DEFAULTS
@@ -295,7 +296,7 @@ def demo(
     )
     console.print(f"checkpoint: {res['checkpoint']}")
     if res["comparison"] is not None:
-        console.print(_compare_table(res["comparison"]))
+        console.print(compare_table(res["comparison"]))
         console.print(f"wrote {res['report']} and {res['plot']}")
 
 
@@ -450,21 +451,6 @@ def prune(
         console.print(f"wrote {out} and {out.with_suffix('.json')}")
 
 
-def _compare_table(report: dict[str, Any]) -> Table:
-    sparsities = sorted({r["sparsity"] for r in report["rows"]})
-    table = Table(
-        title=f"test accuracy (%) after one-shot pruning; dense "
-        f"{100 * report['dense']['accuracy']:.2f}"
-    )
-    table.add_column("method")
-    for s in sparsities:
-        table.add_column(f"{s:.0%}", justify="right")
-    for method in dict.fromkeys(r["method"] for r in report["rows"]):
-        acc = {r["sparsity"]: r["accuracy"] for r in report["rows"] if r["method"] == method}
-        table.add_row(method, *(f"{100 * acc[s]:.2f}" if s in acc else "" for s in sparsities))
-    return table
-
-
 @app.command()
 @user_errors
 def compare(
@@ -519,7 +505,7 @@ def compare(
         report, out.with_suffix(".png"), title=f"{info['model']['name']} on {splits.name}, one-shot"
     )
     console = _stdout()
-    console.print(_compare_table(report))
+    console.print(compare_table(report))
     console.print(f"wrote {out} and {png}")
 
 

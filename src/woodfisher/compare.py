@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.table import Table
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -19,7 +20,7 @@ from woodfisher.data import DatasetSplits
 from woodfisher.pruning import METHODS, prune
 from woodfisher.train import evaluate
 
-__all__ = ["compare", "plot_compare", "pruning_batches"]
+__all__ = ["compare", "compare_table", "plot_compare", "pruning_batches"]
 
 
 def pruning_batches(
@@ -122,6 +123,24 @@ def compare(
     return {"dense": {"accuracy": dense["accuracy"], "loss": dense["loss"]}, "rows": rows,
             "seed": seed, "sequential": sequential,
             "options": {k: v for k, v in options.items() if k != "loss_fn"}}
+
+
+def compare_table(report: dict[str, Any], title: str | None = None) -> Table:
+    """The accuracy grid of a :func:`compare` report: a row per method, a column per sparsity.
+
+    Returns:
+        A rich table (accuracy in %).
+    """
+    sparsities = sorted({r["sparsity"] for r in report["rows"]})
+    dense = f"dense {100 * report['dense']['accuracy']:.2f}"
+    table = Table(title=f"{title or 'test accuracy (%) after one-shot pruning'}; {dense}")
+    table.add_column("method")
+    for s in sparsities:
+        table.add_column(f"{s:.0%}", justify="right")
+    for method in dict.fromkeys(r["method"] for r in report["rows"]):
+        acc = {r["sparsity"]: r["accuracy"] for r in report["rows"] if r["method"] == method}
+        table.add_row(method, *(f"{100 * acc[s]:.2f}" if s in acc else "" for s in sparsities))
+    return table
 
 
 def plot_compare(report: dict[str, Any], path: str | Path, title: str = "") -> Path:
