@@ -15,16 +15,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import resource
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from woodfisher.checkpoint import atomic_save_json
 from woodfisher.data import load_dataset
 from woodfisher.models import build_model
 from woodfisher.pruning import prune
@@ -89,9 +87,7 @@ def main() -> None:
         "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False) as f:
-        json.dump(out, f, indent=2)
-    os.replace(f.name, args.out)
+    atomic_save_json(out, args.out)
     print(f"wrote {args.out}")
 
 

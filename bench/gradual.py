@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from woodfisher.checkpoint import load_checkpoint
+from woodfisher.checkpoint import atomic_save_json, load_checkpoint
 from woodfisher.data import load_dataset
 from woodfisher.gradual import GradualConfig, gradual
 from woodfisher.train import evaluate, train_and_save
@@ -108,7 +107,7 @@ def main() -> None:
     }
     if not args.quick:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        atomic_save_json(result, args.out)
         print(f"wrote {args.out}")
 
 

@@ -24,11 +24,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +33,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from woodfisher.checkpoint import atomic_save_json
 from woodfisher.fisher import EmpiricalFisherInverse, make_blocks
 from woodfisher.fisher.woodbury import woodbury_inverse_blocks
 
@@ -145,9 +143,7 @@ def main() -> None:
     Console().print(table)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False) as f:
-        json.dump(results, f, indent=2)
-    os.replace(f.name, args.out)
+    atomic_save_json(results, args.out)
     print(f"wrote {args.out}")
 
 

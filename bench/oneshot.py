@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from woodfisher.checkpoint import load_checkpoint
+from woodfisher.checkpoint import atomic_save_json, load_checkpoint
 from woodfisher.compare import compare, compare_table, plot_compare, pruning_batches
 from woodfisher.data import load_dataset
 from woodfisher.pruning import METHODS, prune
@@ -109,7 +108,7 @@ def main() -> None:
                   str(rs[0.95]["steps"]), f"{rs[0.95]['seconds']:.1f}")
     console.print(t)
     result["total_seconds"] = time.perf_counter() - t0
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_save_json(result, args.out)
     print(f"wrote {args.out} in {result['total_seconds']:.0f} s")
 
 

@@ -14,15 +14,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import resource
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from woodfisher.checkpoint import atomic_save_json
 from woodfisher.fisher import plan_memory
 from woodfisher.fisher.memory import suggest_block_size
 from woodfisher.gradients import gradient_layout
@@ -69,9 +67,7 @@ def main() -> None:
            "wall_s": wall, "peak_rss_bytes": peak, "threads": torch.get_num_threads(),
            "torch": torch.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False) as f:
-        json.dump(out, f, indent=2)
-    os.replace(f.name, args.out)
+    atomic_save_json(out, args.out)
     print(f"wrote {args.out}")
 
 

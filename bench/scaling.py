@@ -23,11 +23,12 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from woodfisher.checkpoint import atomic_save_json
 
 FULL = [
     # (d, m, B): vary d, then B, then m around (1e6, 100, 1000)
@@ -103,9 +104,7 @@ def main() -> None:
     result = {"seed": args.seed, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "dtype": "float32", "sparsity": 0.9, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False) as f:
-        json.dump(result, f, indent=2)
-    os.replace(f.name, args.out)
+    atomic_save_json(result, args.out)
     print(f"wrote {args.out}")
 
 

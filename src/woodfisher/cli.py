@@ -557,12 +557,8 @@ def gradual(
     block_size: Annotated[
         int | None, typer.Option(help="Fisher block size (default: the method's).")
     ] = None,
-    damp: Annotated[
-        str | None, typer.Option(help="Absolute damp, or 'auto' (default: relative 1e-2).")
-    ] = None,
-    update: Annotated[
-        str | None, typer.Option(help="OBS update: none, independent or joint.")
-    ] = None,
+    damp: Annotated[str | None, typer.Option(help=DAMP_HELP)] = None,
+    update: Annotated[str | None, typer.Option(help=UPDATE_HELP)] = None,
     train_subset: Annotated[
         int | None, typer.Option(help="Use only the first N training samples.")
     ] = None,
