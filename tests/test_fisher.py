@@ -221,3 +221,13 @@ def test_all_cases_distinct():
     assert len(set(keys)) == len(keys)
     assert any(c["block"] is None for c in CASES)
     assert any(len(c["sizes"]) > 1 for c in CASES)
+
+
+@pytest.mark.parametrize("m", [4, 20])  # sample space (m <= B) and dense blocks (m > B)
+def test_damp_that_underflows_against_tiny_gradients_gives_a_clear_error(m):
+    # What a broken model hands the pruner: gradients of 1e-29, whose squares and a relative
+    # damp of 100 · mean(g²) underflow to 0 in float32.
+    G = torch.randn(m, 10) * 1e-29
+    with pytest.raises(ValueError, match="not positive definite in torch.float32"):
+        EmpiricalFisherInverse(G, 5, 1e-56)
+    EmpiricalFisherInverse(G.double(), 5, 1e-56)  # representable in float64

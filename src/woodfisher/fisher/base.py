@@ -51,6 +51,30 @@ def make_blocks(sizes: Sequence[int], block_size: int | None) -> tuple[tuple[int
     return tuple(out)
 
 
+def cholesky(A: Tensor) -> Tensor:
+    """Lower Cholesky factor of a (batch of) damped Fisher matrices, with a useful error.
+
+    Args:
+        A: (..., n, n) symmetric, positive definite in exact arithmetic.
+
+    Returns:
+        ``L`` with ``L Lᵀ = A``.
+
+    Raises:
+        ValueError: If ``A`` is not positive definite in its floating point type.
+    """
+    try:
+        return torch.linalg.cholesky(A)
+    except torch.linalg.LinAlgError as e:
+        # Seen when a pruning step broke the model: gradients of 1e-29 make the relative
+        # damp underflow to 0 in float32, and the Gram matrix is then singular.
+        raise ValueError(
+            f"the damped Fisher is not positive definite in {A.dtype} ({e}); the damp is "
+            "too small against the gradients (are they far from 1, e.g. a diverged model?): "
+            "use a larger damp or float64"
+        ) from None
+
+
 def spd_inverse(F: Tensor) -> Tensor:
     """Inverse of a (batch of) symmetric positive definite matrices via Cholesky.
 
@@ -64,7 +88,7 @@ def spd_inverse(F: Tensor) -> Tensor:
     Returns:
         ``F⁻¹`` of the same shape.
     """
-    L = torch.linalg.cholesky(F)
+    L = cholesky(F)
     eye = torch.eye(F.shape[-1], dtype=F.dtype, device=F.device).expand_as(F)
     Linv = torch.linalg.solve_triangular(L, eye, upper=False)
     return Linv.transpose(-1, -2) @ Linv

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from woodfisher.fisher.base import InverseCurvature, make_blocks, spd_inverse
+from woodfisher.fisher.base import InverseCurvature, cholesky, make_blocks, spd_inverse
 from woodfisher.fisher.memory import (
     ALGORITHMS,
     CHUNK_ELEMENTS,
@@ -278,7 +278,7 @@ class EmpiricalFisherInverse(InverseCurvature):
                 if grp.sample_space:
                     K = _gram_lower(G)  # Cholesky reads only the lower triangle
                     K.diagonal(dim1=1, dim2=2).add_(m * lam)
-                    _left_solve_lower(torch.linalg.cholesky(K), G, out=grp.factor[sl])
+                    _left_solve_lower(cholesky(K), G, out=grp.factor[sl])
                 else:
                     F = G.transpose(1, 2) @ G / m
                     F.diagonal(dim1=1, dim2=2).add_(lam)
@@ -421,7 +421,7 @@ class EmpiricalFisherInverse(InverseCurvature):
                     rhs = gr + Gt.transpose(1, 2) @ (G @ v) / m
                     K = Gt @ Gt.transpose(1, 2)
                     K.diagonal(dim1=1, dim2=2).add_(m * lam)
-                    t = torch.cholesky_solve(Gt @ rhs, torch.linalg.cholesky(K))
+                    t = torch.cholesky_solve(Gt @ rhs, cholesky(K))
                     x = (rhs - Gt.transpose(1, 2) @ t) / lam
                 else:
                     F = G.transpose(1, 2) @ G / m
@@ -429,7 +429,7 @@ class EmpiricalFisherInverse(InverseCurvature):
                     rhs = (gr + F @ v) * r.unsqueeze(-1)
                     # Identity on Q keeps the system SPD and leaves x_Q = 0.
                     Ft = F * (r.unsqueeze(2) * r.unsqueeze(1)) + torch.diag_embed(q)
-                    x = torch.cholesky_solve(rhs, torch.linalg.cholesky(Ft))
+                    x = torch.cholesky_solve(rhs, cholesky(Ft))
                 out[index] = v.squeeze(-1) - x.squeeze(-1) * r
         out[fixed] = values[fixed]
         return out
