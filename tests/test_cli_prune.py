@@ -40,6 +40,14 @@ def test_prune_writes_checkpoint_report_and_evaluate_agrees(ckpt, tmp_path):
     assert hasattr(model.fc1, "weight_mask") and info["meta"]["pruning"]["method"] == "woodfisher"
 
 
+def test_prune_relative_damp_reaches_the_report(ckpt):
+    res = _ok(["prune", str(ckpt), "--sparsity", "0.5", "--relative-damp", "5", "--json",
+               "--recompute", "1", *FAST])
+    report = json.loads(res.stdout)["prune"]
+    assert report["relative_damp"] == 5.0 and report["options"]["relative_damp"] == 5.0
+    assert report["damp"] > 0
+
+
 def test_prune_table_names_layers_and_accuracy(ckpt):
     res = _ok(["prune", str(ckpt), "--sparsity", "0.5", "--recompute", "1", *FAST])
     assert "fc1" in res.stdout and "accuracy" in res.stdout and "50.00%" in res.stdout
@@ -51,6 +59,9 @@ def test_prune_table_names_layers_and_accuracy(ckpt):
         (["--sparsity", "1.0"], "sparsity"),
         (["--method", "optimal"], "unknown method 'optimal'"),
         (["--damp", "lots"], "--damp"),
+        (["--damp", "auto", "--relative-damp", "1"], "not both"),
+        (["--relative-damp", "0"], "relative_damp must be"),
+        (["--method", "kfac", "--relative-damp", "1"], "K-FAC"),
         (["--recompute", "many"], "--recompute"),
         (["--update", "sideways"], "update"),
         (["--scope", "planet"], "scope"),
@@ -80,6 +91,17 @@ def test_compare_writes_json_and_png_and_woodfisher_beats_magnitude(ckpt, tmp_pa
     assert set(acc) == {(m, s) for m in ("magnitude", "woodfisher") for s in (0.8, 0.9)}
     assert acc[("woodfisher", 0.9)] > acc[("magnitude", 0.9)]
     assert "woodfisher" in res.stdout and "90%" in res.stdout
+
+
+def test_compare_relative_damp_reaches_ef_methods_and_kfac_keeps_its_own(ckpt, tmp_path):
+    out = tmp_path / "cmp.json"
+    _ok(["compare", str(ckpt), "--methods", "kfac,diag-fisher", "--sparsities", "0.5",
+         "--relative-damp", "3", "--recompute", "1", "--out", str(out), *FAST])
+    report = json.loads(out.read_text())
+    assert report["options"]["relative_damp"] == 3.0
+    rows = {r["method"]: r for r in report["rows"]}
+    assert rows["diag-fisher"]["relative_damp"] == 3.0
+    assert rows["kfac"]["relative_damp"] is None and rows["kfac"]["damp"] == 1e-3
 
 
 def test_compare_bad_sparsities_exit_2(ckpt, tmp_path):

@@ -155,6 +155,22 @@ def test_damp_auto_picks_from_grid():
     json.dumps(res.to_dict())
 
 
+def test_relative_damp_scales_the_default_and_matches_its_absolute_damp():
+    data = batches()
+    default, relative, absolute = mlp(), mlp(), mlp()
+    r0 = prune(default, data, 0.5, recompute=1, **OPTS)
+    r1 = prune(relative, data, 0.5, recompute=1, relative_damp=30.0, **OPTS)
+    assert r0.relative_damp == 1e-2 and r1.relative_damp == 30.0
+    assert r1.damp == pytest.approx(r0.damp * 30.0 / 1e-2, rel=1e-12)
+    assert r1.options["relative_damp"] == 30.0 and r0.options["relative_damp"] is None
+    r2 = prune(absolute, data, 0.5, recompute=1, damp=r1.damp, **OPTS)
+    assert r2.relative_damp is None
+    assert unchanged(absolute, snapshot(relative))
+    # A large damp moves the choice towards magnitude pruning: a different mask here.
+    assert not torch.equal(flat_masks(select_modules(default)),
+                           flat_masks(select_modules(relative)))
+
+
 def test_training_flag_restored():
     net, data = mlp(), batches()
     net.train()
@@ -173,6 +189,12 @@ BAD = [
     ({"layer_sparsity": {"nope": 0.5}}, "unknown layer"),
     ({"recompute": 0}, "recompute"),
     ({"damp": -1.0}, "damp"),
+    ({"relative_damp": 0.0}, "relative_damp must be"),
+    ({"relative_damp": float("nan")}, "relative_damp must be"),
+    ({"relative_damp": True}, "relative_damp must be"),
+    ({"damp": 0.1, "relative_damp": 1.0}, "not both"),
+    ({"damp": "auto", "relative_damp": 1.0}, "not both"),
+    ({"method": "kfac", "relative_damp": 1.0}, "K-FAC"),
     ({"data": batches(d=5)}, r"inputs of shape \(16, 5\)"),
     (
         {

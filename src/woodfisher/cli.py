@@ -300,15 +300,20 @@ def demo(
         console.print(f"wrote {res['report']} and {res['plot']}")
 
 
-def _parse_damp(damp: str | None) -> float | str | None:
+def _damp_options(damp: str | None, relative_damp: float | None) -> dict[str, object]:
+    """``--damp`` and ``--relative-damp`` as prune()'s ``damp`` and ``relative_damp``."""
     if damp is None or damp in ("auto", "relative"):
-        return None if damp in (None, "relative") else "auto"
-    try:
-        return float(damp)
-    except ValueError:
-        raise ValueError(
-            f"--damp must be a positive number, 'auto' or 'relative', got {damp!r}"
-        ) from None
+        parsed = None if damp in (None, "relative") else "auto"
+    else:
+        try:
+            parsed = float(damp)
+        except ValueError:
+            raise ValueError(
+                f"--damp must be a positive number, 'auto' or 'relative', got {damp!r}"
+            ) from None
+    if relative_damp is not None and damp is not None:
+        raise ValueError("give --damp or --relative-damp, not both")
+    return {"damp": parsed, "relative_damp": relative_damp}
 
 
 def _parse_floats(text: str, what: str) -> list[float]:
@@ -324,8 +329,12 @@ UPDATE_HELP = (
     "joint (exact OBS per block). Default: joint for second-order methods."
 )
 DAMP_HELP = (
-    "Dampening of the Fisher: a number (absolute), 'relative' (1e-2 x its mean diagonal, "
-    "the default) or 'auto' (pick by held-out loss)."
+    "Dampening of the Fisher: a number (absolute), 'relative' (--relative-damp x its mean "
+    "diagonal, the default) or 'auto' (pick by held-out loss)."
+)
+RELATIVE_DAMP_HELP = (
+    "Damp as a multiple of the Fisher's mean diagonal, recomputed at every step "
+    f"(default {_DEFAULTS['relative_damp']:g}; not for kfac)."
 )
 
 RECOMPUTE_HELP = (
@@ -359,6 +368,7 @@ def prune(
         "block_size"
     ],
     damp: Annotated[str | None, typer.Option(help=DAMP_HELP)] = None,
+    relative_damp: Annotated[float | None, typer.Option(help=RELATIVE_DAMP_HELP)] = None,
     recompute: Annotated[str, typer.Option(help=RECOMPUTE_HELP)] = _DEFAULTS["recompute"],
     layers: Annotated[list[str] | None, typer.Option(help="Module name patterns to prune.")] = None,
     skip: Annotated[list[str] | None, typer.Option(help="Module name patterns to skip.")] = None,
@@ -397,7 +407,7 @@ def prune(
         num_grads=num_grads,
         samples_per_grad=samples_per_grad,
         block_size=block_size,
-        damp=_parse_damp(damp),
+        **_damp_options(damp, relative_damp),
         recompute=_parse_recompute(recompute),
         layers=layers or None,
         skip=skip or None,
@@ -467,6 +477,7 @@ def compare(
         "block_size"
     ],
     damp: Annotated[str | None, typer.Option(help=DAMP_HELP)] = None,
+    relative_damp: Annotated[float | None, typer.Option(help=RELATIVE_DAMP_HELP)] = None,
     recompute: Annotated[str, typer.Option(help=RECOMPUTE_HELP)] = _DEFAULTS["recompute"],
     seed: Annotated[int, typer.Option(help="Seed of the sample draw.")] = 0,
     data_dir: Annotated[Path | None, typer.Option(help=DATA_DIR_HELP)] = None,
@@ -487,7 +498,7 @@ def compare(
         "update": update,
         "num_grads": num_grads,
         "block_size": block_size,
-        "damp": _parse_damp(damp),
+        **_damp_options(damp, relative_damp),
         "recompute": _parse_recompute(recompute),
     }
     report = run_compare(
@@ -558,6 +569,7 @@ def gradual(
         int | None, typer.Option(help="Fisher block size (default: the method's).")
     ] = None,
     damp: Annotated[str | None, typer.Option(help=DAMP_HELP)] = None,
+    relative_damp: Annotated[float | None, typer.Option(help=RELATIVE_DAMP_HELP)] = None,
     update: Annotated[str | None, typer.Option(help=UPDATE_HELP)] = None,
     train_subset: Annotated[
         int | None, typer.Option(help="Use only the first N training samples.")
@@ -584,7 +596,7 @@ def gradual(
         "num_grads": num_grads,
         "block_size": block_size,
         "update": update,
-        "damp": _parse_damp(damp),
+        **_damp_options(damp, relative_damp),
     }
     res = run_gradual(
         checkpoint or checkpoint_opt,

@@ -73,7 +73,8 @@ def compare(
             plus 1000 held-out samples.
         seed: Seed of the sample draw and of the pruner.
         options: Extra keyword options for :func:`woodfisher.prune`, used for every method
-            that accepts them (``update`` is dropped for magnitude).
+            that accepts them (``update`` is dropped for magnitude, ``relative_damp`` for
+            kfac, which keeps its absolute default damp).
         sequential: Walk the sorted sparsities with one copy per method, each target
             pruned from the previous one (recompute steps between them), instead of a fresh
             copy per target. With ``recompute="auto"`` the path to the top sparsity takes the
@@ -82,7 +83,7 @@ def compare(
 
     Returns:
         ``{"dense": {accuracy, loss}, "rows": [{method, sparsity, accuracy, loss, seconds,
-        predicted_increase, layers}], "seed", "options"}``.
+        update, damp, relative_damp, predicted_increase, layers}], "seed", "options"}``.
 
     Raises:
         ValueError: For an unknown method or a sparsity outside [0, 1), before any work.
@@ -105,6 +106,8 @@ def compare(
         opts = dict(options)
         if method == "magnitude":
             opts.pop("update", None)
+        if METHODS[method].curvature == "kfac":
+            opts.pop("relative_damp", None)
         net = copy.deepcopy(model)
         for s in sorted(sparsities) if sequential else sparsities:
             if not sequential:
@@ -115,7 +118,8 @@ def compare(
             ev = evaluate(net, splits.test)
             rows.append({
                 "method": method, "sparsity": s, "accuracy": ev["accuracy"], "loss": ev["loss"],
-                "seconds": seconds, "update": result.update,
+                "seconds": seconds, "update": result.update, "damp": result.damp,
+                "relative_damp": result.relative_damp,
                 "predicted_increase": result.predicted_increase,
                 "layers": [vars(layer) for layer in result.layers],
             })

@@ -409,6 +409,7 @@ def prune(
     samples_per_grad: int = DEFAULTS["samples_per_grad"],
     block_size: int | None = DEFAULTS["block_size"],
     damp: float | str | None = None,
+    relative_damp: float | None = None,
     recompute: int | str = DEFAULTS["recompute"],
     seed: int = 0,
     val_data: Iterable | None = None,
@@ -442,6 +443,10 @@ def prune(
         damp: Absolute damp (float); None for ``DEFAULTS["relative_damp"] · mean(diag(GᵀG/m))``;
             ``"auto"`` to pick the relative damp from ``DEFAULTS["damp_grid"]`` by the loss on
             held-out samples (``val_data`` or the samples of ``data`` after the gradients').
+        relative_damp: Damp as a multiple of ``mean(diag(GᵀG/m))``, recomputed from each
+            step's gradients, so that one value suits any gradient scale; None for
+            ``DEFAULTS["relative_damp"]``. Only with ``damp=None``, and not for ``"kfac"``
+            (its factors are not on the empirical Fisher's scale).
         recompute: Number of steps to reach the target (sparsities from
             :func:`~woodfisher.pruning.schedule.interpolate`, ``DEFAULTS["schedule"]``), with
             fresh gradients and a fresh inverse at each; ``"auto"`` (the default) takes as many
@@ -499,6 +504,24 @@ def prune(
         raise ValueError(
             f"damp must be a positive float, None (relative default) or 'auto', got {damp!r}"
         )
+    if relative_damp is not None:
+        if not (
+            isinstance(relative_damp, (int, float))
+            and not isinstance(relative_damp, bool)
+            and math.isfinite(relative_damp)
+            and relative_damp > 0
+        ):
+            raise ValueError(f"relative_damp must be a positive float, got {relative_damp!r}")
+        if damp is not None:
+            raise ValueError(
+                f"give damp or relative_damp, not both (got damp={damp!r}, "
+                f"relative_damp={relative_damp!r})"
+            )
+        if meth.curvature == "kfac":
+            raise ValueError(
+                "relative_damp is relative to the empirical Fisher's diagonal, which K-FAC does "
+                "not build; give kfac an absolute damp"
+            )
     modules = select_modules(model, layers, skip)
     layout = Layout.of(modules)
     if layer_sparsity:
@@ -514,7 +537,7 @@ def prune(
         "samples_per_grad": samples_per_grad,
         "block_size": block_size,
         "damp": None if damp == "auto" else damp,
-        "relative_damp": DEFAULTS["relative_damp"],
+        "relative_damp": DEFAULTS["relative_damp"] if relative_damp is None else relative_damp,
         "seed": seed,
         "progress": progress,
     }
@@ -531,6 +554,7 @@ def prune(
         "samples_per_grad": samples_per_grad,
         "block_size": block_size,
         "damp": damp,
+        "relative_damp": relative_damp,
         "recompute": recompute,
         "seed": seed,
         "schedule": DEFAULTS["schedule"],
