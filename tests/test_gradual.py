@@ -20,6 +20,7 @@ from woodfisher.checkpoint import load_checkpoint
 from woodfisher.cli import app
 from woodfisher.data import synthetic
 from woodfisher.gradual import (
+    GRADUAL_RELATIVE_DAMP,
     GradualConfig,
     GradualError,
     _canonical,
@@ -105,6 +106,36 @@ def test_schedule_masks_and_momentum_after_every_epoch(tmp_path, method, options
     res = gradual(model, _data(), cfg, resume_path=resume, progress=False, callback=check)
     assert seen == list(range(5))
     assert [r["sparsity"] for r in res.history][-1] == round(0.9 * d) / d
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "relative"),
+    [
+        ("woodfisher", WF, GRADUAL_RELATIVE_DAMP),
+        ("woodfisher", {**WF, "relative_damp": 0.5}, 0.5),
+        ("woodfisher", {**WF, "damp": 1e-3}, None),
+        ("diag-fisher", {"num_grads": 32}, 1e-2),
+        ("magnitude", {}, None),
+    ],
+)
+def test_pruning_steps_use_the_gradual_damp_unless_told(method, options, relative):
+    cfg = _cfg(method=method, prune_options=options, epochs=3)
+    res = gradual(_model(), _data(), cfg, progress=False)
+    steps = [r for r in res.history if "pruned_to" in r]
+    assert steps and all(r["relative_damp"] == relative for r in steps)
+    if "damp" in options:
+        assert all(r["damp"] == options["damp"] for r in steps)
+
+
+def test_resume_file_records_the_effective_damp(tmp_path):
+    model = _model()
+    default = _cfg(method="woodfisher", prune_options=WF)
+    explicit = _cfg(method="woodfisher", prune_options={**WF, "relative_damp": 0.5})
+    assert default.fingerprint(model) != explicit.fingerprint(model)
+    assert default.pruner_options()["relative_damp"] == GRADUAL_RELATIVE_DAMP
+    assert "relative_damp" not in _cfg(prune_options={}).pruner_options()
+    taylor = _cfg(method="woodtaylor", prune_options=WF).pruner_options()
+    assert taylor["relative_damp"] == GRADUAL_RELATIVE_DAMP
 
 
 def _owner(model, name):
@@ -240,12 +271,14 @@ def test_cli_gradual_writes_everything(digits_ckpt, tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["gradual", "--checkpoint", str(digits_ckpt), "--out", str(out),
                               "--sparsity", "0.8", "--epochs", "2", "--method", "woodfisher",
-                              "--num-grads", "32", "--block-size", "32", "--json", "-q"])
+                              "--num-grads", "32", "--block-size", "32",
+                              "--relative-damp", "0.5", "--json", "-q"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["pruned_sparsity"] == pytest.approx(0.8, abs=1e-3)
     log = json.loads(out.with_suffix(".json").read_text())
     assert [r["epoch"] for r in log["history"]] == [1, 2]
+    assert log["history"][0]["relative_damp"] == 0.5
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert out.with_suffix(".resume.pt").is_file()
     ev = runner.invoke(app, ["evaluate", str(out), "--json"])
@@ -261,6 +294,8 @@ def test_cli_gradual_writes_everything(digits_ckpt, tmp_path):
         (["--epochs", "0"], "epochs must be"),
         (["--lr", "1e30", "--epochs", "1"], "non-finite fine-tuning loss"),
         (["--damp", "x"], "--damp must be"),
+        (["--damp", "0.1", "--relative-damp", "1"], "not both"),
+        (["--relative-damp", "-1"], "relative_damp must be"),
     ],
 )
 def test_cli_bad_input_exit_2(digits_ckpt, tmp_path, args, match):

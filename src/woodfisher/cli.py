@@ -27,6 +27,7 @@ from rich.table import Table
 
 from woodfisher.compare import compare_table
 from woodfisher.data import DATASETS
+from woodfisher.gradual import GRADUAL_RELATIVE_DAMP
 from woodfisher.models import MODELS
 from woodfisher.pruning.methods import DEFAULTS as _DEFAULTS
 from woodfisher.pruning.methods import METHODS as _METHODS
@@ -336,6 +337,11 @@ RELATIVE_DAMP_HELP = (
     "Damp as a multiple of the Fisher's mean diagonal, recomputed at every step "
     f"(default {_DEFAULTS['relative_damp']:g}; not for kfac)."
 )
+GRADUAL_RELATIVE_DAMP_HELP = (
+    "Damp as a multiple of the Fisher's mean diagonal, recomputed at every step (default "
+    f"{GRADUAL_RELATIVE_DAMP:g} for woodfisher and woodtaylor, chosen on a validation split; "
+    f"{_DEFAULTS['relative_damp']:g} for diag-fisher; not for kfac)."
+)
 
 RECOMPUTE_HELP = (
     "Steps to reach the target with fresh curvature between them, or 'auto' (no "
@@ -569,7 +575,7 @@ def gradual(
         int | None, typer.Option(help="Fisher block size (default: the method's).")
     ] = None,
     damp: Annotated[str | None, typer.Option(help=DAMP_HELP)] = None,
-    relative_damp: Annotated[float | None, typer.Option(help=RELATIVE_DAMP_HELP)] = None,
+    relative_damp: Annotated[float | None, typer.Option(help=GRADUAL_RELATIVE_DAMP_HELP)] = None,
     update: Annotated[str | None, typer.Option(help=UPDATE_HELP)] = None,
     train_subset: Annotated[
         int | None, typer.Option(help="Use only the first N training samples.")
