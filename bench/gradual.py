@@ -4,7 +4,9 @@ Dense: ``woodfisher train`` defaults (10 epochs, SGD+momentum, cosine lr 0.05, b
 seed 0), cached at ``runs/bench-dense-mlpnet.pt``. Then, with the same schedule and seed:
 
 (a) quality: gradual to 95 % and 98 % in 10 epochs (cubic schedule from 50 %, pruning at
-    epochs 0..6, fine-tuning to 10) with WoodFisher and with global magnitude;
+    epochs 0..6, fine-tuning to 10) with WoodFisher (gradual's default relative damp,
+    ``GRADUAL_RELATIVE_DAMP``, chosen by ``bench/gradual_damp.py`` on a validation split) and
+    with global magnitude;
 (b) limited data: WoodFisher to 95 % with only the first N training samples for pruning and
     fine-tuning, N in {1000, 5000, all}.
 
@@ -28,7 +30,7 @@ from rich.table import Table
 
 from woodfisher.checkpoint import atomic_save_json, load_checkpoint
 from woodfisher.data import load_dataset
-from woodfisher.gradual import GradualConfig, gradual
+from woodfisher.gradual import GRADUAL_RELATIVE_DAMP, GradualConfig, gradual
 from woodfisher.train import evaluate, train_and_save
 
 # 400 per-sample gradients in blocks of 400: each block's Fisher has full rank, and a pruning
@@ -81,6 +83,8 @@ def main() -> None:
                 "test_accuracy"]), "reached_sparsity": res.final["sparsity"],
             "seconds": time.perf_counter() - start,
             "prune_step_seconds_mean": sum(prune_s) / len(prune_s),
+            "relative_damp": sorted({r["relative_damp"] for r in res.history
+                                     if "pruned_to" in r}, key=str),
             "history": [{k: r.get(k) for k in ("epoch", "sparsity", "test_accuracy", "lr")}
                         for r in res.history],
         })
@@ -99,7 +103,8 @@ def main() -> None:
     Console().print(table)
     result = {
         "command": "PYTHONPATH=src python bench/gradual.py" + (" --quick" if args.quick else ""),
-        "dense_accuracy": dense, "epochs": epochs, "lr": args.lr, "woodfisher": WOODFISHER,
+        "dense_accuracy": dense, "epochs": epochs, "lr": args.lr,
+        "woodfisher": {**WOODFISHER, "relative_damp": GRADUAL_RELATIVE_DAMP},
         "schedule": "cubic 0.5 -> final, pruning epochs 0..ceil(2E/3)-1, cosine lr per batch",
         "runs": rows, "total_seconds": time.perf_counter() - t0,
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
