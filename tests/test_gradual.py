@@ -127,7 +127,7 @@ def test_pruning_steps_use_the_gradual_damp_unless_told(method, options, relativ
         assert all(r["damp"] == options["damp"] for r in steps)
 
 
-def test_resume_file_records_the_effective_damp(tmp_path):
+def test_fingerprint_and_pruner_options_carry_the_effective_damp():
     model = _model()
     default = _cfg(method="woodfisher", prune_options=WF)
     explicit = _cfg(method="woodfisher", prune_options={**WF, "relative_damp": 0.5})

@@ -333,14 +333,13 @@ DAMP_HELP = (
     "Dampening of the Fisher: a number (absolute), 'relative' (--relative-damp x its mean "
     "diagonal, the default) or 'auto' (pick by held-out loss)."
 )
+_RELATIVE_DAMP_WHAT = "Damp as a multiple of the Fisher's mean diagonal, recomputed at every step"
 RELATIVE_DAMP_HELP = (
-    "Damp as a multiple of the Fisher's mean diagonal, recomputed at every step "
-    f"(default {_DEFAULTS['relative_damp']:g}; not for kfac)."
+    f"{_RELATIVE_DAMP_WHAT} (default {_DEFAULTS['relative_damp']:g}; not for kfac)."
 )
 GRADUAL_RELATIVE_DAMP_HELP = (
-    "Damp as a multiple of the Fisher's mean diagonal, recomputed at every step (default "
-    f"{GRADUAL_RELATIVE_DAMP:g} for woodfisher and woodtaylor, chosen on a validation split; "
-    f"{_DEFAULTS['relative_damp']:g} for diag-fisher; not for kfac)."
+    f"{_RELATIVE_DAMP_WHAT} (default {GRADUAL_RELATIVE_DAMP:g} for woodfisher and woodtaylor, "
+    f"chosen on a validation split; {_DEFAULTS['relative_damp']:g} for diag-fisher; not for kfac)."
 )
 
 RECOMPUTE_HELP = (
