@@ -1,0 +1,5 @@
+"""``python -m woodfisher.cli``."""
+
+from woodfisher.cli import main
+
+main()

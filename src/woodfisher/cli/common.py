@@ -1,0 +1,204 @@
+"""What every command shares: the app, error handling, output helpers and option help texts.
+
+Bad input (any ``ValueError``, which all woodfisher errors subclass) ends with a one-line
+``Error: ...`` on stderr and exit code 2, with no traceback and no partial output file. New
+commands get the same behaviour with :func:`user_errors`::
+
+    @app.command()
+    @user_errors
+    def prune(checkpoint: Path, sparsity: float = 0.9) -> None:
+        ...
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from woodfisher.data import DATASETS
+from woodfisher.gradual import GRADUAL_RELATIVE_DAMP
+from woodfisher.models import MODELS
+from woodfisher.pruning.methods import DEFAULTS as _DEFAULTS
+from woodfisher.pruning.methods import METHODS as _METHODS
+
+__all__ = ["app", "user_errors", "user_error_context"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="woodfisher",
+    help="Compress neural networks with second-order information (WoodFisher).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+EXIT_BAD_INPUT = 2
+
+
+@contextmanager
+def user_error_context() -> Iterator[None]:
+    """Turn a ``ValueError`` into ``Error: <one line>`` on stderr and exit code 2.
+
+    Yields:
+        Nothing; wrap the command body in ``with user_error_context():``.
+
+    Raises:
+        typer.Exit: With code 2 when the body raised ``ValueError``.
+    """
+    try:
+        yield
+    except ValueError as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        typer.echo(f"Error: {message}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+def user_errors(fn: F) -> F:
+    """Decorator form of :func:`user_error_context` for typer commands.
+
+    Args:
+        fn: The command function (its signature is kept for typer).
+
+    Returns:
+        The wrapped function.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with user_error_context():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _stdout() -> Console:
+    return Console(file=sys.stdout, soft_wrap=True)
+
+
+def _stderr_log(quiet: bool) -> Callable[[str], None]:
+    def log(msg: str) -> None:
+        if not quiet:
+            typer.echo(msg, err=True)
+
+    return log
+
+
+def _layer_table(layers: list[dict[str, Any]]) -> Table:
+    table = Table(title="weights of Linear/Conv layers")
+    for col in ("layer", "shape", "params", "zeros", "sparsity"):
+        table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
+    for row in layers:
+        table.add_row(
+            row["name"],
+            "×".join(map(str, row["shape"])),
+            str(row["numel"]),
+            str(row["zeros"]),
+            f"{row['sparsity']:.2%}",
+        )
+    return table
+
+
+def _checkpoint_and_data(
+    checkpoint: Path, dataset: str | None, data_dir: Path | None
+) -> tuple[Any, dict[str, Any], Any]:
+    """Load a checkpoint and its dataset (or ``dataset``), normalised as it was trained."""
+    from woodfisher.checkpoint import load_checkpoint
+    from woodfisher.data import load_dataset
+
+    model, info = load_checkpoint(checkpoint)
+    saved = info["dataset"]
+    name = dataset or saved.get("dataset")
+    if not name:
+        raise ValueError(
+            f"checkpoint {checkpoint} names no dataset; pass --dataset "
+            f"({', '.join(sorted(DATASETS))})"
+        )
+    same = name == saved.get("dataset") and "mean" in saved
+    splits = load_dataset(
+        name,
+        data_dir=None if data_dir is None else str(data_dir),
+        normalisation=saved if same else None,
+    )
+    return model, info, splits
+
+
+MODEL_HELP = f"Model name: {', '.join(sorted(MODELS))}."
+DATASET_HELP = f"Dataset name: {', '.join(sorted(DATASETS))}."
+DATA_DIR_HELP = (
+    "Directory with the Fashion-MNIST IDX files (default: $WOODFISHER_DATA, "
+    "then /usr/share/datasets/fashion-mnist)."
+)
+
+
+# Options every command family uses, as Annotated types so each is declared once.
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+DataDir = Annotated[Path | None, typer.Option(help=DATA_DIR_HELP)]
+Seed = Annotated[int, typer.Option(help="Seed of every random choice.")]
+
+def _damp_options(damp: str | None, relative_damp: float | None) -> dict[str, object]:
+    """``--damp`` and ``--relative-damp`` as prune()'s ``damp`` and ``relative_damp``."""
+    if damp is None or damp in ("auto", "relative"):
+        parsed = None if damp in (None, "relative") else "auto"
+    else:
+        try:
+            parsed = float(damp)
+        except ValueError:
+            raise ValueError(
+                f"--damp must be a positive number, 'auto' or 'relative', got {damp!r}"
+            ) from None
+    if relative_damp is not None and damp is not None:
+        raise ValueError("give --damp or --relative-damp, not both")
+    return {"damp": parsed, "relative_damp": relative_damp}
+
+
+def _parse_floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+METHOD_HELP = "Pruning method: " + ", ".join(sorted(_METHODS)) + "."
+UPDATE_HELP = (
+    "Weight update: none, independent (the paper's summed single-weight OBS steps) or "
+    "joint (exact OBS per block). Default: joint for second-order methods."
+)
+DAMP_HELP = (
+    "Dampening of the Fisher: a number (absolute), 'relative' (--relative-damp x its mean "
+    "diagonal, the default) or 'auto' (pick by held-out loss)."
+)
+_RELATIVE_DAMP_WHAT = "Damp as a multiple of the Fisher's mean diagonal, recomputed at every step"
+RELATIVE_DAMP_HELP = (
+    f"{_RELATIVE_DAMP_WHAT} (default {_DEFAULTS['relative_damp']:g}; not for kfac)."
+)
+GRADUAL_RELATIVE_DAMP_HELP = (
+    f"{_RELATIVE_DAMP_WHAT} (default {GRADUAL_RELATIVE_DAMP:g} for woodfisher and woodtaylor, "
+    f"chosen on a validation split; {_DEFAULTS['relative_damp']:g} for diag-fisher; not for kfac)."
+)
+
+RECOMPUTE_HELP = (
+    "Steps to reach the target with fresh curvature between them, or 'auto' (no "
+    "step removes more than a quarter of the remaining weights)."
+)
+
+
+def _parse_recompute(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(
+            f"--recompute must be a positive integer or 'auto', got {text!r}"
+        ) from None
+

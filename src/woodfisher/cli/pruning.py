@@ -1,0 +1,282 @@
+"""``prune``, ``compare`` and ``gradual``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from woodfisher.cli.common import (
+    _DEFAULTS,
+    DAMP_HELP,
+    DATA_DIR_HELP,
+    GRADUAL_RELATIVE_DAMP_HELP,
+    METHOD_HELP,
+    RECOMPUTE_HELP,
+    RELATIVE_DAMP_HELP,
+    UPDATE_HELP,
+    _checkpoint_and_data,
+    _damp_options,
+    _parse_floats,
+    _parse_recompute,
+    _stderr_log,
+    _stdout,
+    app,
+    user_errors,
+)
+from woodfisher.compare import compare_table
+
+
+@app.command()
+@user_errors
+def prune(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to prune.")],
+    sparsity: Annotated[float, typer.Option(help="Fraction of selected weights to zero.")] = 0.9,
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "woodfisher",
+    update: Annotated[str | None, typer.Option(help=UPDATE_HELP)] = None,
+    scope: Annotated[str, typer.Option(help="global (one threshold) or layerwise.")] = "global",
+    num_grads: Annotated[int | None, typer.Option(help="Gradients sampled for the Fisher.")] = None,
+    samples_per_grad: Annotated[int, typer.Option(help="Samples averaged per gradient.")] = 1,
+    block_size: Annotated[int | None, typer.Option(help="Fisher block size.")] = _DEFAULTS[
+        "block_size"
+    ],
+    damp: Annotated[str | None, typer.Option(help=DAMP_HELP)] = None,
+    relative_damp: Annotated[float | None, typer.Option(help=RELATIVE_DAMP_HELP)] = None,
+    recompute: Annotated[str, typer.Option(help=RECOMPUTE_HELP)] = _DEFAULTS["recompute"],
+    layers: Annotated[list[str] | None, typer.Option(help="Module name patterns to prune.")] = None,
+    skip: Annotated[list[str] | None, typer.Option(help="Module name patterns to skip.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sample draw.")] = 0,
+    data_dir: Annotated[Path | None, typer.Option(help=DATA_DIR_HELP)] = None,
+    out: Annotated[Path | None, typer.Option(help="Pruned checkpoint to write (and OUT.json).")] = (
+        None
+    ),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Prune CHECKPOINT one-shot; print a table and write the pruned model and a JSON report."""
+    import copy
+
+    from woodfisher.checkpoint import atomic_save_json, check_writable, save_checkpoint
+    from woodfisher.compare import pruning_batches
+    from woodfisher.pruning import prune as prune_model
+    from woodfisher.train import evaluate as evaluate_model
+    from woodfisher.train import sparsity_report
+
+    if out is not None:
+        check_writable(out)
+        check_writable(out.with_suffix(".json"))
+    model, info, splits = _checkpoint_and_data(checkpoint, None, data_dir)
+    before = evaluate_model(model, splits.test)
+    grads = num_grads or _DEFAULTS["num_grads"]
+    batches = pruning_batches(splits.train, grads * samples_per_grad + 1000, seed)
+    pruned = copy.deepcopy(model)
+    result = prune_model(
+        pruned,
+        batches,
+        sparsity,
+        method=method,
+        update=update,
+        scope=scope,
+        num_grads=num_grads,
+        samples_per_grad=samples_per_grad,
+        block_size=block_size,
+        **_damp_options(damp, relative_damp),
+        recompute=_parse_recompute(recompute),
+        layers=layers or None,
+        skip=skip or None,
+        seed=seed,
+        progress=not quiet,
+    )
+    after = evaluate_model(pruned, splits.test)
+    report = {
+        "checkpoint": str(checkpoint),
+        "model": info["model"]["name"],
+        "dataset": splits.name,
+        "before": before,
+        "after": after,
+        "sparsity": sparsity_report(pruned)["sparsity"],
+        "prune": result.to_dict(),
+    }
+    if out is not None:
+        save_checkpoint(
+            out,
+            pruned,
+            info["model"],
+            info["dataset"],
+            {
+                **info["meta"],
+                "pruning": result.to_dict(),
+                "test_accuracy": after["accuracy"],
+                "test_loss": after["loss"],
+            },
+        )
+        atomic_save_json(report, out.with_suffix(".json"))
+        report["out"] = str(out)
+    if json_out:
+        typer.echo(json.dumps(report))
+        return
+    console = _stdout()
+    table = Table(title=f"{method} ({result.update} update) to {sparsity:.0%}")
+    for col in ("layer", "shape", "params", "sparsity"):
+        table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
+    for layer in result.layers:
+        table.add_row(
+            layer.name, "×".join(map(str, layer.shape)), str(layer.numel), f"{layer.sparsity:.2%}"
+        )
+    console.print(table)
+    console.print(
+        f"accuracy {before['accuracy']:.2%} -> {after['accuracy']:.2%}, "
+        f"loss {before['loss']:.4f} -> {after['loss']:.4f}, overall sparsity "
+        f"{result.sparsity:.2%}; phases: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in result.times.items())
+    )
+    if out is not None:
+        console.print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+@app.command()
+@user_errors
+def compare(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to prune.")],
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = (
+        "magnitude,diag-fisher,kfac,woodfisher"
+    ),
+    sparsities: Annotated[str, typer.Option(help="Comma-separated sparsities.")] = (
+        "0.5,0.7,0.8,0.9,0.95,0.98"
+    ),
+    update: Annotated[str | None, typer.Option(help=UPDATE_HELP)] = None,
+    num_grads: Annotated[int | None, typer.Option(help="Gradients sampled for the Fisher.")] = None,
+    block_size: Annotated[int | None, typer.Option(help="Fisher block size.")] = _DEFAULTS[
+        "block_size"
+    ],
+    damp: Annotated[str | None, typer.Option(help=DAMP_HELP)] = None,
+    relative_damp: Annotated[float | None, typer.Option(help=RELATIVE_DAMP_HELP)] = None,
+    recompute: Annotated[str, typer.Option(help=RECOMPUTE_HELP)] = _DEFAULTS["recompute"],
+    seed: Annotated[int, typer.Option(help="Seed of the sample draw.")] = 0,
+    data_dir: Annotated[Path | None, typer.Option(help=DATA_DIR_HELP)] = None,
+    out: Annotated[Path, typer.Option(help="JSON report to write (and a PNG beside it).")] = Path(
+        "compare.json"
+    ),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Prune CHECKPOINT with several methods at several sparsities; table, JSON and plot."""
+    from woodfisher.checkpoint import atomic_save_json, check_writable
+    from woodfisher.compare import compare as run_compare
+    from woodfisher.compare import plot_compare
+
+    check_writable(out)
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    model, info, splits = _checkpoint_and_data(checkpoint, None, data_dir)
+    options = {
+        "update": update,
+        "num_grads": num_grads,
+        "block_size": block_size,
+        **_damp_options(damp, relative_damp),
+        "recompute": _parse_recompute(recompute),
+    }
+    report = run_compare(
+        model,
+        splits,
+        method_list,
+        _parse_floats(sparsities, "--sparsities"),
+        seed=seed,
+        options=options,
+        log=_stderr_log(quiet),
+    )
+    report["checkpoint"] = str(checkpoint)
+    atomic_save_json(report, out)
+    png = plot_compare(
+        report, out.with_suffix(".png"), title=f"{info['model']['name']} on {splits.name}, one-shot"
+    )
+    console = _stdout()
+    console.print(compare_table(report))
+    console.print(f"wrote {out} and {png}")
+
+
+@app.command()
+@user_errors
+def gradual(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Trained checkpoint (from `woodfisher train`).")
+    ] = None,
+    checkpoint_opt: Annotated[
+        Path | None, typer.Option("--checkpoint", help="The checkpoint, as an option.")
+    ] = None,
+    sparsity: Annotated[float, typer.Option(help="Final sparsity of the pruned weights.")] = 0.9,
+    initial_sparsity: Annotated[float, typer.Option(help="Target of the first step.")] = 0.5,
+    epochs: Annotated[int, typer.Option(help="Epochs in all (pruning + fine-tuning).")] = 10,
+    start: Annotated[int, typer.Option(help="Epoch of the first pruning step (0-based).")] = 0,
+    end: Annotated[
+        int | None, typer.Option(help="Epoch of the last pruning step (default ~2/3 in).")
+    ] = None,
+    prune_every: Annotated[int, typer.Option(help="Epochs between pruning steps.")] = 1,
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "woodfisher",
+    lr: Annotated[float, typer.Option(help="Peak fine-tuning learning rate (cosine).")] = 0.01,
+    batch_size: Annotated[int, typer.Option(help="Fine-tuning batch size.")] = 128,
+    num_grads: Annotated[
+        int | None, typer.Option(help="Gradients per pruning step (default: the method's).")
+    ] = None,
+    block_size: Annotated[
+        int | None, typer.Option(help="Fisher block size (default: the method's).")
+    ] = None,
+    damp: Annotated[str | None, typer.Option(help=DAMP_HELP)] = None,
+    relative_damp: Annotated[float | None, typer.Option(help=GRADUAL_RELATIVE_DAMP_HELP)] = None,
+    update: Annotated[str | None, typer.Option(help=UPDATE_HELP)] = None,
+    train_subset: Annotated[
+        int | None, typer.Option(help="Use only the first N training samples.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Output checkpoint (default: CHECKPOINT-gradual.pt); the resume file, "
+            "JSON log and PNG plot are written next to it."
+        ),
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT's resume file.")] = False,
+    data_dir: Annotated[Path | None, typer.Option(help=DATA_DIR_HELP)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Prune CHECKPOINT gradually to SPARSITY while fine-tuning with masks; resumable."""
+    from woodfisher.gradual import run_gradual
+
+    if (checkpoint is None) == (checkpoint_opt is None):
+        raise ValueError("give the checkpoint once: as the argument or as --checkpoint")
+    options = {
+        "num_grads": num_grads,
+        "block_size": block_size,
+        "update": update,
+        **_damp_options(damp, relative_damp),
+    }
+    res = run_gradual(
+        checkpoint or checkpoint_opt,
+        out=out,
+        final_sparsity=sparsity,
+        initial_sparsity=initial_sparsity,
+        epochs=epochs,
+        start=start,
+        end=end,
+        prune_every=prune_every,
+        method=method,
+        lr=lr,
+        batch_size=batch_size,
+        prune_options={k: v for k, v in options.items() if v is not None},
+        train_subset=train_subset,
+        seed=seed,
+        resume=resume,
+        data_dir=None if data_dir is None else str(data_dir),
+        progress=not quiet,
+    )
+    if json_out:
+        typer.echo(json.dumps(res))
+        return
+    _stdout().print(
+        f"{res['method']} gradual to {res['sparsity']:.2%} in {res['epochs']} epochs: test "
+        f"accuracy {res['accuracy']:.2%} (dense {res['dense_accuracy']:.2%}) -> {res['checkpoint']}"
+        f" (log {res['log']}, plot {res['plot']}, resume {res['resume']})"
+    )
+
