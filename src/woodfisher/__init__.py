@@ -22,6 +22,7 @@ from woodfisher.checkpoint import (  # noqa: E402
     save_checkpoint,
 )
 from woodfisher.compare import compare  # noqa: E402
+from woodfisher.curvature import FisherInverse, fisher_inverse, ihvp  # noqa: E402
 from woodfisher.data import (  # noqa: E402
     DATASETS,
     DataError,
@@ -41,6 +42,7 @@ from woodfisher.fisher import (  # noqa: E402
     kfac_inverse,
     plan_memory,
 )
+from woodfisher.flops import FlopReport, count_flops  # noqa: E402
 from woodfisher.gradients import gradient_layout, sample_gradients  # noqa: E402
 from woodfisher.gradual import GradualConfig, GradualError, gradual  # noqa: E402
 from woodfisher.models import MODELS, ShapeError, build_model, check_input  # noqa: E402
@@ -87,8 +89,14 @@ __all__ = [
     "KFACInverse",
     "kfac_inverse",
     "plan_memory",
+    "fisher_inverse",
+    "FisherInverse",
+    "ihvp",
     "exact_hessian",
     "exact_empirical_fisher",
+    # model cost
+    "count_flops",
+    "FlopReport",
     # pruning
     "METHODS",
     "PruneResult",

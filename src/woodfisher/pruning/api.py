@@ -31,7 +31,6 @@ from woodfisher.pruning.methods import (
     DEFAULTS,
     Method,
     get_method,
-    relative_damp_scale,
     resolve_update,
 )
 from woodfisher.pruning.schedule import auto_steps, interpolate
@@ -187,26 +186,6 @@ def _first(it) -> tuple[Tensor, Tensor]:
     return next(iter(_batches([batch])))
 
 
-def _ef_fmul(
-    grads: Tensor, damp: float, blocks: Sequence[tuple[int, int]]
-) -> Callable[[Tensor], Tensor]:
-    m = grads.shape[0]
-
-    def fmul(v: Tensor) -> Tensor:
-        G = grads.to(v.dtype)
-        out = damp * v
-        for start, stop in blocks:
-            out[start:stop] += G[:, start:stop].T @ (G[:, start:stop] @ v[start:stop]) / m
-        return out
-
-    return fmul
-
-
-def _diag_fmul(grads: Tensor, damp: float) -> Callable[[Tensor], Tensor]:
-    diag = damp + grads.double().pow(2).mean(0)
-    return lambda v: diag.to(v.dtype) * v
-
-
 def build_inverse(
     method: Method, model: nn.Module, data: Iterable, modules: dict[str, nn.Module], options: dict
 ) -> Curvature:
@@ -227,60 +206,27 @@ def build_inverse(
     """
     if method.curvature is None:
         return Curvature(None)
-    times: dict[str, float] = {}
-    if method.curvature == "kfac":
-        from woodfisher.fisher import kfac_inverse
+    from woodfisher.curvature import fisher_inverse
 
-        damp = options["damp"] if options["damp"] is not None else DEFAULTS["kfac_damp"]
-        t0 = time.perf_counter()
-        inv = kfac_inverse(
-            model,
-            data,
-            loss_fn=options["loss_fn"],
-            num_batches=options["num_grads"],
-            params=modules,
-            damp=damp,
-        )
-        times["inverse"] = time.perf_counter() - t0
-        return Curvature(inv, damp=float(damp), times=times)
-
-    from woodfisher.gradients import sample_gradients
-
-    t0 = time.perf_counter()
-    grads = sample_gradients(
+    op = fisher_inverse(
         model,
         data,
-        loss_fn=options["loss_fn"],
+        method.curvature,
+        options["loss_fn"],
+        params=modules,
         num_grads=options["num_grads"],
         samples_per_grad=options["samples_per_grad"],
-        params=modules,
+        block_size=options["block_size"],
+        damp=options["damp"],
+        relative_damp=(
+            None if options["damp"] is not None or method.curvature == "kfac"
+            else options["relative_damp"]
+        ),
+        mean_grad=method.needs_mean_grad,
         seed=options["seed"],
         progress=options["progress"],
     )
-    times["gradients"] = time.perf_counter() - t0
-    rel = None
-    if options["damp"] is None:
-        rel = options["relative_damp"]
-        damp = rel * relative_damp_scale(grads)
-    else:
-        damp = float(options["damp"])
-    layout = Layout.of(modules)
-    t0 = time.perf_counter()
-    if method.curvature == "diagonal":
-        from woodfisher.fisher import DiagonalFisherInverse
-
-        inv = DiagonalFisherInverse(grads, damp, layout=layout)
-        fmul = _diag_fmul(grads, damp)
-    else:
-        from woodfisher.fisher import EmpiricalFisherInverse
-
-        inv = EmpiricalFisherInverse(
-            grads, block_size=options["block_size"], damp=damp, layout=layout
-        )
-        fmul = _ef_fmul(grads, damp, inv.blocks)
-    times["inverse"] = time.perf_counter() - t0
-    mean = grads.mean(0) if method.needs_mean_grad else None
-    return Curvature(inv, mean, fmul, damp, rel, times)
+    return Curvature(op.inv, op.mean_grad, op.fmul, op.damp, op.relative_damp, op.times)
 
 
 def _step(

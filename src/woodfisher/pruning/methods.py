@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
+from woodfisher.curvature import CURVATURE_DEFAULTS, relative_damp_scale
 from woodfisher.fisher.base import InverseCurvature
 from woodfisher.pruning import obs
 
@@ -22,22 +22,22 @@ DEFAULTS: dict[str, object] = {
     # 500 per-sample gradients (fisher-mini-bsz 1): with recompute="auto" (several steps) this
     # met every quality target on the Fashion-MNIST MLPNets (see README) at a quarter of the
     # m² cost of the paper's 1000.
-    "num_grads": 500,
-    "samples_per_grad": 1,
+    "num_grads": CURVATURE_DEFAULTS["num_grads"],
+    "samples_per_grad": CURVATURE_DEFAULTS["samples_per_grad"],
     # A block as wide as the number of gradients lets each block's Fisher reach full rank
     # (rank ≤ m); wider blocks are rank-deficient and lean on damp.
-    "block_size": 500,
+    "block_size": CURVATURE_DEFAULTS["block_size"],
     # damp=None means relative: damp = relative_damp · mean(diag(GᵀG/m)), so one default works
     # whatever the gradient scale of the model. A float passed as damp is absolute.
-    "relative_damp": 1e-2,
+    "relative_damp": CURVATURE_DEFAULTS["relative_damp"],
     # Relative grid for damp="auto" (a prune per value, scored on held-out samples).
     "damp_grid": (1e-4, 1e-3, 1e-2, 1e-1, 1.0),
     # Held-out samples for damp="auto" when no val_data is given (taken after the gradients').
     "val_samples": 1000,
     # K-FAC: number of mini-batches for its factors (num_grads is read as that for kfac).
-    "kfac_num_batches": 50,
+    "kfac_num_batches": CURVATURE_DEFAULTS["kfac_num_batches"],
     # The absolute damp K-FAC gets when damp=None (its factors are not on the EF scale).
-    "kfac_damp": 1e-3,
+    "kfac_damp": CURVATURE_DEFAULTS["kfac_damp"],
     # Steps to reach a one-shot target, with fresh gradients and inverse between them. "auto":
     # as many geometric steps as needed so that none removes more than max_step_removed of the
     # remaining weights (3 steps to 50 %, 9 to 90 %, 14 to 98 %). On MLPNet 784-40-20-10 at
@@ -145,14 +145,5 @@ def resolve_update(method: Method, update: str | None) -> str:
     return update
 
 
-def relative_damp_scale(grads: Tensor) -> float:
-    """Natural damp scale: the mean diagonal of ``GᵀG/m`` (the undamped empirical Fisher).
-
-    Args:
-        grads: (m, d) sampled gradients.
-
-    Returns:
-        A positive float (1.0 when every gradient is zero, so damp stays usable).
-    """
-    scale = float(grads.double().pow(2).sum(0).mean() / max(grads.shape[0], 1))
-    return scale if scale > 0 and torch.isfinite(torch.tensor(scale)) else 1.0
+__all__ = ["DEFAULTS", "METHODS", "UPDATES", "Method", "get_method", "relative_damp_scale",
+           "resolve_update"]
