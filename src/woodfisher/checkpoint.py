@@ -5,10 +5,13 @@ read with ``torch.load(..., weights_only=True)``: a checkpoint is data, not code
 
 Pruned models carry ``torch.nn.utils.prune`` state (``fc1.weight_orig`` and ``fc1.weight_mask``);
 :func:`load_checkpoint` re-creates that reparametrisation before loading so masks survive.
+A model whose architecture a compressor changed records the replaced submodules in its spec
+(``spec["modules"]``: name to :func:`woodfisher.models.module_spec`); loading rebuilds them
+before the state dict is loaded.
 
 Example:
     >>> import tempfile, os
-    >>> from woodfisher.models import build_model
+    >>> from woodfisher.models import build_model, replace_modules
     >>> model = build_model("mlpnet-small", input_shape=(1, 8, 8))
     >>> spec = {"name": "mlpnet-small", "input_shape": [1, 8, 8], "num_classes": 10}
     >>> path = os.path.join(tempfile.mkdtemp(), "m.pt")
@@ -32,7 +35,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from woodfisher import __version__
-from woodfisher.models import build_model
+from woodfisher.models import build_model, replace_modules
 
 __all__ = [
     "FORMAT",
@@ -185,7 +188,8 @@ def save_checkpoint(
         path: Output file (its directory must exist).
         model: The model; pruning state (``*_orig`` / ``*_mask``) is kept as it is.
         spec: How to rebuild the model: ``name``, ``input_shape``, ``num_classes`` and optional
-            ``kwargs`` for :func:`woodfisher.models.build_model`.
+            ``kwargs`` for :func:`woodfisher.models.build_model`; optional ``modules`` (name to
+            :func:`woodfisher.models.module_spec`) for submodules that replace the built ones.
         normalisation: The dataset: ``{"dataset": name, "mean": ..., "std": ...}``.
         meta: Training metadata (epochs, seed, accuracy, time, ...); versions are added.
 
@@ -304,6 +308,7 @@ def load_checkpoint(
     try:
         model = build_model(spec["name"], spec["input_shape"], spec["num_classes"],
                             **spec.get("kwargs", {}))
+        replace_modules(model, spec.get("modules", {}))
         restore_pruning(model, state)
         model.load_state_dict(state, strict=True)
     except CheckpointError:

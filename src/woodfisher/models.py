@@ -9,6 +9,12 @@
 
 Every model records its ``input_shape`` and checks it in ``forward`` (see :func:`check_input`).
 
+Compressors that change a model's architecture (low-rank factorisation, channel removal) replace
+submodules by trees of ordinary ``torch.nn`` layers. :func:`module_spec` describes such a tree as
+plain data (types from :data:`MODULE_TYPES` and their constructor arguments) and
+:func:`replace_modules` rebuilds it, so a checkpoint reloads the changed architecture from its
+model spec alone, without importing the compressor's code.
+
 Example:
     >>> model = build_model("mlpnet", input_shape=(1, 8, 8))
     >>> model(torch.zeros(2, 1, 8, 8)).shape
@@ -29,10 +35,14 @@ __all__ = [
     "MLPNet",
     "MODELS",
     "ResNet20",
+    "MODULE_TYPES",
     "ResNet50",
     "ShapeError",
     "build_model",
     "check_input",
+    "module_from_spec",
+    "module_spec",
+    "replace_modules",
 ]
 
 
@@ -336,4 +346,118 @@ def build_model(
     except TypeError as e:
         raise ValueError(f"bad keyword arguments {sorted(kwargs)} for model {name!r}: {e}") from e
     model.name = name
+    return model
+
+
+#: Layer types :func:`module_spec` can describe, with the constructor arguments it records. A
+#: checkpoint names only these (data, not code), so loading one runs no code it carries.
+MODULE_TYPES: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
+    "Linear": (nn.Linear, ("in_features", "out_features")),
+    "Conv1d": (nn.Conv1d, ("in_channels", "out_channels", "kernel_size", "stride", "padding",
+                           "dilation", "groups", "padding_mode")),
+    "Conv2d": (nn.Conv2d, ("in_channels", "out_channels", "kernel_size", "stride", "padding",
+                           "dilation", "groups", "padding_mode")),
+    "BatchNorm1d": (nn.BatchNorm1d, ("num_features", "eps", "momentum", "affine",
+                                     "track_running_stats")),
+    "BatchNorm2d": (nn.BatchNorm2d, ("num_features", "eps", "momentum", "affine",
+                                     "track_running_stats")),
+    "Identity": (nn.Identity, ()),
+    "Sequential": (nn.Sequential, ()),
+}
+
+
+def module_spec(module: nn.Module) -> dict:
+    """Describe a tree of :data:`MODULE_TYPES` layers as plain data.
+
+    Weights are not part of the description (they travel in the state dict); pruning state
+    (``weight_orig``/``weight_mask``) does not change it.
+
+    Args:
+        module: A module of one of the types in :data:`MODULE_TYPES` (exact types, not
+            subclasses); a ``Sequential`` may nest them.
+
+    Returns:
+        ``{"type": name, "args": {...}}`` (with ``"children"`` for a ``Sequential``).
+
+    Raises:
+        ValueError: If the tree holds a type that cannot be described.
+
+    Example:
+        >>> spec = module_spec(nn.Sequential(nn.Linear(4, 2, bias=False), nn.Linear(2, 3)))
+        >>> spec["children"][0]
+        {'type': 'Linear', 'args': {'in_features': 4, 'out_features': 2, 'bias': False}}
+        >>> module_from_spec(spec)
+        Sequential(
+          (0): Linear(in_features=4, out_features=2, bias=False)
+          (1): Linear(in_features=2, out_features=3, bias=True)
+        )
+    """
+    kind = type(module).__name__
+    if kind not in MODULE_TYPES or MODULE_TYPES[kind][0] is not type(module):
+        raise ValueError(
+            f"cannot describe a {type(module).__name__} module; describable types: "
+            f"{sorted(MODULE_TYPES)} (make the replaced layers out of these)"
+        )
+    cls, names = MODULE_TYPES[kind]
+    args = {}
+    for name in names:
+        value = getattr(module, name)
+        args[name] = list(value) if isinstance(value, tuple) else value
+    if kind.startswith(("Linear", "Conv")):
+        args["bias"] = module.bias is not None
+    spec: dict = {"type": kind, "args": args}
+    if kind == "Sequential":
+        spec["children"] = [module_spec(child) for child in module]
+    return spec
+
+
+def module_from_spec(spec: dict) -> nn.Module:
+    """Build the module :func:`module_spec` described (freshly initialised weights).
+
+    Args:
+        spec: ``{"type", "args"[, "children"]}``.
+
+    Returns:
+        The module.
+
+    Raises:
+        ValueError: If the type is not in :data:`MODULE_TYPES` or the arguments do not fit it.
+    """
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind not in MODULE_TYPES:
+        raise ValueError(
+            f"unknown module type {kind!r} in a model spec; known: {sorted(MODULE_TYPES)}"
+        )
+    cls = MODULE_TYPES[kind][0]
+    if kind == "Sequential":
+        return nn.Sequential(*(module_from_spec(c) for c in spec.get("children", [])))
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.get("args", {}).items()}
+    try:
+        return cls(**args)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"bad arguments {args} for a {kind} in a model spec: {e}") from e
+
+
+def replace_modules(model: nn.Module, specs: dict[str, dict]) -> nn.Module:
+    """Replace submodules of ``model``, in place, by modules built from their descriptions.
+
+    Args:
+        model: The model (e.g. freshly built by :func:`build_model`).
+        specs: Dotted submodule name (``"layer1.0.conv1"``) to a :func:`module_spec`.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: If a name is not a submodule of ``model`` or a description is bad.
+    """
+    for name, spec in specs.items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"model spec replaces {name!r}, which is not a submodule of this "
+                f"{getattr(model, 'name', type(model).__name__)} model"
+            ) from None
+        model.set_submodule(name, module_from_spec(spec))
     return model
