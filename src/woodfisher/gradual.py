@@ -51,6 +51,7 @@ from woodfisher.checkpoint import (
     restore_pruning,
 )
 from woodfisher.data import as_batches
+from woodfisher.device import model_device, to_device
 from woodfisher.pruning.schedule import pruning_steps
 from woodfisher.train import SCHEDULES, enforce_masks, lr_at
 
@@ -411,6 +412,8 @@ def gradual(
     first_epoch, resumed_from, state = 0, None, None
     if resume:
         state = _load_resume(resume_path, fingerprint)
+        device = model_device(model)
+        state["model"] = {k: v.to(device) for k, v in state["model"].items()}
         restore_pruning(model, state["model"])
         model.load_state_dict(state["model"])
         refresh_pruned_weights(model)
@@ -491,8 +494,10 @@ def _fine_tune_epoch(
     bar = tqdm(batches, total=per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                file=sys.stderr, disable=not progress, leave=True, dynamic_ncols=True)
     n, correct, loss_sum, lr = 0, 0, 0.0, config.lr
+    device = model_device(model)
     try:
         for i, (x, y) in enumerate(bar):
+            x, y = to_device((x, y), device)
             step = epoch * per_epoch + i if per_epoch else epoch
             lr = lr_at(step, total_steps, config.lr, config.lr_schedule)
             for group in optimizer.param_groups:
@@ -598,6 +603,7 @@ def run_gradual(
     resume: bool = False,
     data_dir: str | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
     **config: Any,
 ) -> dict[str, Any]:
     """Load a checkpoint and its dataset, run :func:`gradual`, and write its files.
@@ -612,6 +618,8 @@ def run_gradual(
         resume: Continue from ``out``'s resume file.
         data_dir: Directory of the dataset files.
         progress: Progress bars on stderr.
+        device: Where to prune and fine-tune (see :func:`woodfisher.device.resolve_device`);
+            default CPU.
         **config: Fields of :class:`GradualConfig`.
 
     Returns:
@@ -638,6 +646,10 @@ def run_gradual(
     for p in paths.values():
         check_writable(p)
     model, info = load_checkpoint(checkpoint)
+    if device is not None:
+        from woodfisher.device import resolve_device
+
+        model.to(resolve_device(device))
     saved = info["dataset"]
     if not saved.get("dataset"):
         raise GradualError(f"checkpoint {checkpoint} names no dataset to fine-tune on")

@@ -299,6 +299,7 @@ def train_and_save(
     progress: bool = True,
     model_kwargs: dict[str, Any] | None = None,
     create_dir: bool = False,
+    device: str | torch.device | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load a dataset, build a model for it, train, evaluate on the test split and save.
 
@@ -320,6 +321,8 @@ def train_and_save(
         progress: Show progress bars on stderr.
         model_kwargs: Extra keyword arguments for ``build_model``.
         create_dir: Create the directory of ``out`` (after the other checks pass).
+        device: Where to train (a name for :func:`woodfisher.device.resolve_device`); default
+            CPU. The checkpoint is written from CPU copies either way.
 
     Returns:
         ``(model, info)`` with ``info = {"model": spec, "dataset": {...}, "meta": {...},
@@ -343,6 +346,10 @@ def train_and_save(
     torch.manual_seed(seed)
     model = build_model(model_name, splits.input_shape, splits.num_classes,
                         **(model_kwargs or {}))
+    if device is not None:
+        from woodfisher.device import resolve_device
+
+        model.to(resolve_device(device))
     history = train(model, splits.train, epochs=epochs, lr=lr, batch_size=batch_size,
                     seed=seed, momentum=momentum, weight_decay=weight_decay,
                     schedule=schedule, progress=progress)

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from woodfisher.data import DATASETS
+from woodfisher.device import DEVICE_HELP
 from woodfisher.gradual import GRADUAL_RELATIVE_DAMP
 from woodfisher.models import MODELS
 from woodfisher.pruning.methods import DEFAULTS as _DEFAULTS
@@ -144,6 +145,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output."
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 DataDir = Annotated[Path | None, typer.Option(help=DATA_DIR_HELP)]
 Seed = Annotated[int, typer.Option(help="Seed of every random choice.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
 
 def _damp_options(damp: str | None, relative_damp: float | None) -> dict[str, object]:
     """``--damp`` and ``--relative-damp`` as prune()'s ``damp`` and ``relative_damp``."""

@@ -18,6 +18,7 @@ from woodfisher.cli.common import (
     RECOMPUTE_HELP,
     RELATIVE_DAMP_HELP,
     UPDATE_HELP,
+    DeviceOpt,
     _checkpoint_and_data,
     _damp_options,
     _parse_floats,
@@ -53,6 +54,7 @@ def prune(
     out: Annotated[Path | None, typer.Option(help="Pruned checkpoint to write (and OUT.json).")] = (
         None
     ),
+    device: DeviceOpt = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -61,14 +63,17 @@ def prune(
 
     from woodfisher.checkpoint import atomic_save_json, check_writable, save_checkpoint
     from woodfisher.compare import pruning_batches
+    from woodfisher.device import resolve_device
     from woodfisher.pruning import prune as prune_model
     from woodfisher.train import evaluate as evaluate_model
     from woodfisher.train import sparsity_report
 
+    dev = resolve_device(device)
     if out is not None:
         check_writable(out)
         check_writable(out.with_suffix(".json"))
     model, info, splits = _checkpoint_and_data(checkpoint, None, data_dir)
+    model.to(dev)
     before = evaluate_model(model, splits.test)
     grads = num_grads or _DEFAULTS["num_grads"]
     batches = pruning_batches(splits.train, grads * samples_per_grad + 1000, seed)
@@ -95,6 +100,7 @@ def prune(
         "checkpoint": str(checkpoint),
         "model": info["model"]["name"],
         "dataset": splits.name,
+        "device": str(dev),
         "before": before,
         "after": after,
         "sparsity": sparsity_report(pruned)["sparsity"],
@@ -160,16 +166,20 @@ def compare(
     out: Annotated[Path, typer.Option(help="JSON report to write (and a PNG beside it).")] = Path(
         "compare.json"
     ),
+    device: DeviceOpt = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Prune CHECKPOINT with several methods at several sparsities; table, JSON and plot."""
     from woodfisher.checkpoint import atomic_save_json, check_writable
     from woodfisher.compare import compare as run_compare
     from woodfisher.compare import plot_compare
+    from woodfisher.device import resolve_device
 
+    dev = resolve_device(device)
     check_writable(out)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     model, info, splits = _checkpoint_and_data(checkpoint, None, data_dir)
+    model.to(dev)
     options = {
         "update": update,
         "num_grads": num_grads,
@@ -187,6 +197,7 @@ def compare(
         log=_stderr_log(quiet),
     )
     report["checkpoint"] = str(checkpoint)
+    report["device"] = str(dev)
     atomic_save_json(report, out)
     png = plot_compare(
         report, out.with_suffix(".png"), title=f"{info['model']['name']} on {splits.name}, one-shot"
@@ -238,12 +249,15 @@ def gradual(
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT's resume file.")] = False,
     data_dir: Annotated[Path | None, typer.Option(help=DATA_DIR_HELP)] = None,
+    device: DeviceOpt = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Prune CHECKPOINT gradually to SPARSITY while fine-tuning with masks; resumable."""
+    from woodfisher.device import resolve_device
     from woodfisher.gradual import run_gradual
 
+    dev = resolve_device(device)
     if (checkpoint is None) == (checkpoint_opt is None):
         raise ValueError("give the checkpoint once: as the argument or as --checkpoint")
     options = {
@@ -270,6 +284,7 @@ def gradual(
         resume=resume,
         data_dir=None if data_dir is None else str(data_dir),
         progress=not quiet,
+        device=dev,
     )
     if json_out:
         typer.echo(json.dumps(res))

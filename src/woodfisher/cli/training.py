@@ -12,6 +12,7 @@ from woodfisher.cli.common import (
     DATA_DIR_HELP,
     DATASET_HELP,
     MODEL_HELP,
+    DeviceOpt,
     _checkpoint_and_data,
     _layer_table,
     _stderr_log,
@@ -41,12 +42,15 @@ def train(
         Path | None,
         typer.Option(help="Checkpoint file to write (default: runs/MODEL-DATASET-seedSEED.pt)."),
     ] = None,
+    device: DeviceOpt = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Train MODEL on DATASET, evaluate on the test split and write a checkpoint to OUT."""
+    from woodfisher.device import resolve_device
     from woodfisher.train import train_and_save
 
+    dev = resolve_device(device)
     default_out = out is None
     if default_out:
         out = Path("runs") / f"{model}-{dataset}-seed{seed}.pt"
@@ -64,6 +68,7 @@ def train(
         data_dir=None if data_dir is None else str(data_dir),
         progress=not quiet,
         create_dir=default_out,
+        device=dev,
     )
     meta = info["meta"]
     result = {
@@ -94,13 +99,17 @@ def evaluate(
         str | None, typer.Option(help="Evaluate on this dataset instead of the checkpoint's.")
     ] = None,
     data_dir: Annotated[Path | None, typer.Option(help=DATA_DIR_HELP)] = None,
+    device: DeviceOpt = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Print test accuracy, loss and per-layer sparsity of CHECKPOINT."""
+    from woodfisher.device import resolve_device
     from woodfisher.train import evaluate as evaluate_model
     from woodfisher.train import sparsity_report
 
+    dev = resolve_device(device)
     model, info, splits = _checkpoint_and_data(checkpoint, dataset, data_dir)
+    model.to(dev)
     name = splits.name
     result = evaluate_model(model, splits.test)
     report = sparsity_report(model)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from woodfisher.device import model_device, to_device
 from woodfisher.fisher.base import InverseCurvature
 from woodfisher.params import (
     Layout,
@@ -160,7 +161,7 @@ def check_data(model: nn.Module, data: Iterable, loss_fn: Callable | None = None
         raise ValueError(
             f"data must be an iterable of (inputs, targets) batches, got {type(data).__name__}"
         ) from err
-    x, y = _first(it)
+    x, y = to_device(_first(it), model_device(model))
     try:
         with torch.no_grad():
             loss = loss_fn(model(x), y)
@@ -325,10 +326,12 @@ def evaluate_loss(model: nn.Module, batches: Iterable, loss_fn: Callable | None 
     loss_fn = loss_fn or F.cross_entropy
     total, count = 0.0, 0
     was = model.training
+    device = model_device(model)
     model.eval()
     try:
         with torch.no_grad():
             for x, y in _batches(batches):
+                x, y = to_device((x, y), device)
                 total += float(loss_fn(model(x), y)) * x.shape[0]
                 count += x.shape[0]
     finally:
