@@ -114,6 +114,17 @@ class InverseCurvature:
         raise NotImplementedError
 
     # -- public queries ------------------------------------------------------------------
+    def _check_vectors(self, v: Tensor) -> Tensor:
+        """``v`` of shape (d,) or (d, k) as a (d, k) tensor in the operator's dtype and device.
+
+        Raises:
+            ValueError: If ``v`` is not of shape (d,) or (d, k).
+        """
+        if not isinstance(v, Tensor) or v.ndim not in (1, 2) or v.shape[0] != self.d:
+            shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(f"expected v of shape ({self.d},) or ({self.d}, k), got {shape}")
+        return v.to(device=self.device, dtype=self.dtype).reshape(self.d, -1)
+
     def mul(self, v: Tensor) -> Tensor:
         """The inverse-curvature-vector product ``F⁻¹ v``.
 
@@ -126,12 +137,21 @@ class InverseCurvature:
         Raises:
             ValueError: If ``v`` is not of shape (d,) or (d, k).
         """
-        if v.ndim not in (1, 2) or v.shape[0] != self.d:
-            raise ValueError(
-                f"expected v of shape ({self.d},) or ({self.d}, k), got {tuple(v.shape)}"
-            )
-        V = v.to(self.dtype).reshape(self.d, -1)
-        return self._matmat(V).reshape(v.shape)
+        return self._matmat(self._check_vectors(v)).reshape(v.shape)
+
+    def fmul(self, v: Tensor) -> Tensor:
+        """The curvature-vector product ``F v`` (the matrix whose inverse this is).
+
+        Args:
+            v: Shape (d,) or (d, k).
+
+        Returns:
+            A tensor of the shape of ``v``.
+
+        Raises:
+            NotImplementedError: If the estimate keeps no way to apply ``F`` itself.
+        """
+        raise NotImplementedError(f"{type(self).__name__} offers no Fisher-vector product")
 
     def columns(self, idx: Tensor) -> Tensor:
         """Columns ``F⁻¹[:, idx]``.
@@ -232,3 +252,11 @@ class DenseInverse(InverseCurvature):
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.inverse @ V
+
+    def fmul(self, v: Tensor) -> Tensor:
+        """``F v`` with the kept blocks of ``F``.
+
+        Returns:
+            A tensor of the shape of ``v``.
+        """
+        return (self.F @ self._check_vectors(v)).reshape(v.shape)

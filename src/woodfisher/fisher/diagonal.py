@@ -46,6 +46,17 @@ class DiagonalFisherInverse(InverseCurvature):
     def _matmat(self, V: Tensor) -> Tensor:
         return self.inverse_diag[:, None] * V
 
+    def fmul(self, v: Tensor) -> Tensor:
+        """``F v = (damp + mean(g²)) ⊙ v``.
+
+        Args:
+            v: Shape (d,) or (d, k).
+
+        Returns:
+            A tensor of the shape of ``v``.
+        """
+        return (self.fisher_diag[:, None] * self._check_vectors(v)).reshape(v.shape)
+
     def diag(self) -> Tensor:
         """The diagonal of ``F⁻¹``.
 

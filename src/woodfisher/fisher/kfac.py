@@ -110,13 +110,42 @@ class KFACInverse(InverseCurvature):
         name = self.names[i]
         return self.S[name].shape[0], self.A[name].shape[0]
 
+    @staticmethod
+    def _kron_mul(left: Tensor, right: Tensor, X: Tensor) -> Tensor:
+        """``(left ⊗ right) vec(X)`` for row-major ``vec`` and symmetric ``right``.
+
+        ``X`` is (o·n, k); two matmuls (``left @ X`` over rows, then ``· right`` over
+        columns), so k vectors cost two matmuls, not k pairs.
+        """
+        o, n, k = left.shape[0], right.shape[0], X.shape[1]
+        Y = (left @ X.reshape(o, n * k)).view(o, n, k)
+        Z = Y.transpose(1, 2).reshape(o * k, n) @ right  # (o, k, n) rows
+        return Z.view(o, k, n).transpose(1, 2).reshape(o * n, k)
+
     def _matmat(self, V: Tensor) -> Tensor:
         out = torch.empty_like(V)
-        for i, (s, e) in enumerate(self.blocks):
-            name, (o, n) = self.names[i], self._shape(i)
-            X = V[s:e].T.reshape(-1, o, n)
-            out[s:e] = (self.S_inv[name] @ X @ self.A_inv[name]).reshape(-1, o * n).T
+        for (s, e), name in zip(self.blocks, self.names, strict=True):
+            out[s:e] = self._kron_mul(self.S_inv[name], self.A_inv[name], V[s:e])
         return out
+
+    def fmul(self, v: Tensor) -> Tensor:
+        """``F v`` for the damped Kronecker factors ``(S + (√λ/π)I) ⊗ (A + π√λ I)``.
+
+        Args:
+            v: Shape (d,) or (d, k).
+
+        Returns:
+            A tensor of the shape of ``v``.
+        """
+        V = self._check_vectors(v)
+        out = torch.empty_like(V)
+        root = math.sqrt(self.damp)
+        for (s, e), name in zip(self.blocks, self.names, strict=True):
+            A, S, pi = self.A[name], self.S[name], self.pi[name]
+            A_d = A + pi * root * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+            S_d = S + root / pi * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+            out[s:e] = self._kron_mul(S_d, A_d, V[s:e])
+        return out.reshape(v.shape)
 
     def diag(self) -> Tensor:
         """Outer product of ``diag(S⁻¹)`` and ``diag(A⁻¹)`` per layer.

@@ -45,8 +45,8 @@ class Curvature:
     Attributes:
         inv: The inverse curvature, or None for magnitude pruning.
         mean_grad: (d,) mean sampled gradient ``ḡ`` (used by WoodTaylor), or None.
-        fmul: ``v ↦ F v`` for the same ``F`` as ``inv`` when cheap (empirical Fisher from the
-            kept gradients), used to report the quadratic model's value; else None.
+        fmul: ``v ↦ F v`` for the same ``F`` as ``inv`` (the operator's own product), used to
+            report the quadratic model's value; else None.
         damp: The absolute damp used, or None.
         relative_damp: ``damp / mean(diag(GᵀG/m))`` when damp was set relative, else None.
         times: Seconds spent in ``"gradients"`` and ``"inverse"``.
@@ -81,9 +81,9 @@ class PruneResult:
         layers: Per-layer results.
         predicted_increase: Predicted loss increase summed over steps (see ``predicted_by``).
         predicted_by: ``"quadratic-model"``: ``ḡᵀδ + ½δᵀFδ`` at the applied update, with ``F``
-            rebuilt from the gradients (woodfisher, woodtaylor, diag-fisher); ``"saliency-sum"``:
-            sum of the pruned weights' saliencies (the independent-rule estimate); ``"none"``
-            for magnitude.
+            the curvature's own product (every curvature method); ``"saliency-sum"``: sum of
+            the pruned weights' saliencies (the independent-rule estimate); ``"none"`` for
+            magnitude.
         saliency_sum: Sum of the saliencies of the pruned weights (the score sum for magnitude).
         times: Seconds per phase: gradients, inverse, selection, update, damp_search.
         steps: The sparsity reached after each recomputation step.
