@@ -93,14 +93,16 @@ def obq_blocks(
     z = zero[rows, order]
     H = hinv.to(torch.float64)[rows[:, :, None], order[:, :, None], order[:, None, :]].clone()
     fixed = torch.empty_like(x)
+    tiny = torch.finfo(torch.float64).tiny
     for j in range(size):
-        col = H[:, :, j].clone()  # (nb, B); column j of each block (H changes below)
-        d = col[:, j].clamp_min(torch.finfo(torch.float64).tiny)
+        # Entries before j are fixed (their rows of H are 0): work on the trailing part only.
+        col = H[:, j:, j].clone()  # (nb, B - j)
+        d = col[:, 0].clamp_min(tiny)
         rounded = round_to_grid(x[:, j], s[:, j], bits)
         target = torch.where(z[:, j], torch.zeros_like(rounded), rounded)
-        x -= ((x[:, j] - target) / d)[:, None] * col
+        x[:, j:] -= ((x[:, j] - target) / d)[:, None] * col
         fixed[:, j] = target  # later updates leave round-off on x[:, j]; keep the target
-        H -= col[:, :, None] * (col / d[:, None])[:, None, :]
+        H[:, j:, j:].baddbmm_(col[:, :, None], (col / d[:, None])[:, None, :], alpha=-1)
     out = torch.empty_like(x)
     out[rows, order] = fixed
     return out.to(w.dtype)

@@ -1,0 +1,275 @@
+"""Apply a plan to the model, and the one-call :func:`compress`.
+
+A plan prunes whole filters with masks (``torch.nn.utils.prune`` state, so the model stays an
+ordinary module and the masks multiply into earlier ones) and fake-quantizes every layer to its
+width on the shared grid of :mod:`woodfisher.quant`: round to nearest (``"rtn"``), or with
+Optimal Brain Quantization's compensation (``"obq"``), which also compensates the pruned
+filters through the engine's ``F⁻¹`` (built before pruning).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> torch.manual_seed(0) and None
+    >>> net = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    >>> data = [(torch.randn(64, 8), torch.randint(0, 3, (64,)))]
+    >>> report = compress(net, data, budget=0.15, objective="fisher", num_grads=64,
+    ...                   effort=Effort(reads=8, sweeps=200))
+    >>> report["size_ratio"] <= 0.15, [layer["filters"] for layer in report["layers"]]
+    (True, [6, 3])
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+import dimod
+import torch
+from torch import nn
+
+from woodfisher.params import effective_weight
+from woodfisher.pruning.masks import apply_masks
+from woodfisher.quant import fake_quantize_model
+from woodfisher.qubo.costs import qubo_costs
+from woodfisher.qubo.formulation import (
+    CONSTRAINTS,
+    Decision,
+    QuboProblem,
+    check_budget,
+    formulate,
+)
+from woodfisher.qubo.solve import (
+    Effort,
+    best_decision,
+    check_solver,
+    fill,
+    lagrange_search,
+    solve,
+)
+
+#: How a layer is put on its grid.
+QUANTIZERS = ("rtn", "obq")
+
+
+def plan_masks(problem: QuboProblem, decision: Decision) -> dict[str, torch.Tensor]:
+    """Masks that zero the pruned filters (one per prunable layer).
+
+    Returns:
+        Layer name to a bool mask of the weight's shape (False = pruned).
+    """
+    masks = {}
+    for name in problem.free:
+        w = effective_weight(problem.costs.modules[name])
+        mask = torch.ones_like(w, dtype=torch.bool)
+        idx = list(decision.pruned.get(name, ()))
+        if idx:
+            mask[idx] = False
+        masks[name] = mask
+    return masks
+
+
+def apply_plan(
+    model: nn.Module,
+    problem: QuboProblem,
+    decision: Decision,
+    quantizer: str = "rtn",
+    fisher: object | None = None,
+) -> dict[str, dict[str, int]]:
+    """Prune and quantize ``model`` in place as ``decision`` says.
+
+    Args:
+        model: The model the problem was built for.
+        problem: The problem.
+        decision: The plan.
+        quantizer: ``"rtn"`` or ``"obq"``.
+        fisher: For ``"obq"``: a :class:`woodfisher.FisherInverse` of the model's weights,
+            built before this call.
+
+    Returns:
+        Per layer: ``bits`` and ``storage_bits`` (weights and per-channel scales).
+
+    Raises:
+        ValueError: On an unknown quantizer or ``"obq"`` without ``fisher``.
+    """
+    from woodfisher.quant import obq_weights, storage_bits
+
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"unknown quantizer {quantizer!r}; choose from {list(QUANTIZERS)}")
+    modules = problem.costs.modules
+    masks = plan_masks(problem, decision)
+    if quantizer == "rtn":
+        apply_masks(model, modules, masks)
+        return fake_quantize_model(modules, decision.bits)
+    if fisher is None:
+        raise ValueError("quantizer='obq' needs fisher=fisher_inverse(model, data, ...)")
+    new = obq_weights(fisher, decision.bits, masks)
+    apply_masks(model, modules, masks, new_weights=new)
+    return {
+        name: {"bits": int(b), "storage_bits": storage_bits(new[name], b)}
+        for name, b in decision.bits.items()
+    }
+
+
+def layer_report(problem: QuboProblem, decision: Decision) -> list[dict[str, object]]:
+    """The per-layer rows of the report.
+
+    Returns:
+        One dict per layer: ``name``, ``bits``, ``pruned_filters``, ``filters``,
+        ``pruned``, ``weights``, ``size_bits``.
+    """
+    rows = []
+    for layer in problem.costs.layers:
+        pruned = list(decision.pruned.get(layer.name, ()))
+        kept = layer.filters - len(pruned)
+        rows.append({
+            "name": layer.name,
+            "bits": int(decision.bits[layer.name]),
+            "pruned_filters": len(pruned),
+            "filters": layer.filters,
+            "pruned": pruned,
+            "weights": layer.weights,
+            "size_bits": kept * layer.per_filter * int(decision.bits[layer.name]),
+        })
+    return rows
+
+
+def compress(
+    model: nn.Module,
+    data: Iterable | None,
+    budget: float = 0.1,
+    objective: str = "fisher",
+    solver: str | dimod.Sampler = "sa",
+    seed: int = 0,
+    *,
+    constraint: str = "lagrange",
+    quantizer: str = "rtn",
+    fill_budget: bool = True,
+    bits: Sequence[int] = (2, 8),
+    min_keep: float = 0.25,
+    beta: float = 1.0,
+    layers: Sequence[str] | str | None = None,
+    skip: Sequence[str] | str | None = None,
+    no_prune: Sequence[str] | str | None = None,
+    num_grads: int | None = None,
+    relative_damp: float | None = None,
+    block_size: int | None = 128,
+    effort: Effort | None = None,
+    progress: bool = False,
+) -> dict[str, object]:
+    """Prune filters and choose per-layer bit widths by solving a QUBO; change ``model`` in place.
+
+    Args:
+        model: The network.
+        data: Batches of ``(inputs, targets)`` for the Fisher (``objective="fisher"`` or
+            ``quantizer="obq"``); may be None otherwise.
+        budget: Stored bits of the kept weights over the fp32 bits of all selected weights.
+        objective: ``"fisher"`` (ours) or ``"magnitude"`` (the paper's heuristic).
+        solver: A name from :data:`woodfisher.qubo.SOLVERS` or a ``dimod.Sampler``.
+        seed: Seed of the gradient pass and the solver.
+        constraint: ``"lagrange"`` (the paper's ``−γ·size``, ``γ`` searched) or ``"penalty"``
+            (exact slack penalty).
+        quantizer: ``"rtn"`` (round to nearest) or ``"obq"`` (OBS-compensated).
+        fill_budget: Spend the budget the solution leaves with :func:`woodfisher.qubo.fill`.
+        bits: Lowest and highest width a layer may get.
+        min_keep: Fraction of each prunable layer's filters never pruned.
+        beta: Weight of the magnitude objective's quantization term.
+        layers: Module name patterns to compress (default every Linear/Conv).
+        skip: Module name patterns to leave alone.
+        no_prune: Layers quantized but never pruned (default the last one).
+        num_grads: Gradients for the Fisher (default 500).
+        relative_damp: Damp relative to the Fisher's mean diagonal (default 1e-2).
+        block_size: Block size of ``F⁻¹`` for ``"obq"``.
+        effort: Solver budget (default :class:`~woodfisher.qubo.solve.Effort`'s).
+        progress: Show progress bars.
+
+    Returns:
+        A JSON-able report: ``size_ratio``, ``layers`` (per layer ``name``, ``bits``,
+        ``pruned_filters``, ``filters``, ...), ``energy``, ``solver``, ``solver_time_s``, and
+        ``storage_ratio`` (with the 32-bit scale of every kept channel), ``objective_value``,
+        ``feasible_samples``, ``repaired``, ``variables``, ``penalty``, ``gamma``, ``times``,
+        ``options``.
+
+    Raises:
+        ValueError: On bad options (checked before the model changes).
+    """
+    from woodfisher.curvature import fisher_inverse
+
+    check_solver(solver)
+    check_budget(budget)
+    if not 0 <= min_keep <= 1:
+        raise ValueError(f"min_keep must be a fraction in [0, 1], got {min_keep!r}")
+    if constraint not in CONSTRAINTS:
+        raise ValueError(f"unknown constraint {constraint!r}; choose from {list(CONSTRAINTS)}")
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"unknown quantizer {quantizer!r}; choose from {list(QUANTIZERS)}")
+    if quantizer == "obq" and data is None:
+        raise ValueError("quantizer='obq' needs data: batches of (inputs, targets)")
+    effort = effort or Effort()
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    costs = qubo_costs(
+        model, data, objective, layers=layers, skip=skip, no_prune=no_prune, bits=bits,
+        beta=beta, num_grads=num_grads, relative_damp=relative_damp, seed=seed,
+        progress=progress,
+    )
+    times["costs"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    trace = None
+    if constraint == "penalty":
+        problem = formulate(costs, budget, min_keep=min_keep)
+        times["formulate"] = time.perf_counter() - t0
+        run = solve(problem.bqm, solver, seed=seed, effort=effort)
+        decision, pick = best_decision(problem, run.sampleset)
+        solver_time = run.time_s
+    else:
+        problem, run, decision, trace = lagrange_search(
+            costs, budget, solver, seed=seed, effort=effort, min_keep=min_keep
+        )
+        _, pick = best_decision(problem, run.sampleset)
+        pick = {"feasible_samples": pick["feasible_samples"], "repaired": False,
+                "energy": problem.energy(decision)}
+        solver_time = sum(t["time_s"] for t in trace)
+    solved = decision
+    if fill_budget:
+        decision = fill(problem, decision)
+    times["solve"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fisher = None
+    if quantizer == "obq":
+        fisher = fisher_inverse(model, data, params=costs.modules, num_grads=num_grads,
+                                block_size=block_size, relative_damp=relative_damp, seed=seed)
+    stored = apply_plan(model, problem, decision, quantizer, fisher)
+    times["apply"] = time.perf_counter() - t0
+    fp32 = problem.fp32_bits
+    storage = sum(s["storage_bits"] for s in stored.values())
+    return {
+        "size_ratio": problem.size_ratio(decision),
+        "layers": layer_report(problem, decision),
+        "energy": pick["energy"],
+        "solver": run.solver,
+        "solver_time_s": solver_time,
+        "storage_ratio": storage / fp32,
+        "objective_value": problem.objective_value(decision),
+        "solution": {"objective_value": problem.objective_value(solved),
+                     "size_ratio": problem.size_ratio(solved)},
+        "filled": decision != solved,
+        "feasible_samples": pick["feasible_samples"],
+        "repaired": pick["repaired"],
+        "variables": problem.bqm.num_variables,
+        "interactions": problem.bqm.num_interactions,
+        "penalty": problem.penalty,
+        "gamma": problem.gamma,
+        "gamma_trace": trace,
+        "fp32_bits": fp32,
+        "size_bits": problem.size_bits(decision),
+        "times": times,
+        "options": {
+            "budget": budget, "objective": objective, "solver": run.solver, "seed": seed,
+            "constraint": constraint, "quantizer": quantizer, "bits": list(costs.bits),
+            "fill_budget": fill_budget,
+            "min_keep": min_keep, "size_unit": problem.size_unit,
+            "effort": {"reads": effort.reads, "sweeps": effort.sweeps,
+                       "tabu_ms": effort.tabu_ms},
+            **{k: v for k, v in costs.options.items() if k != "objective"},
+        },
+    }

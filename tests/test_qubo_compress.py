@@ -1,0 +1,108 @@
+"""compress() and the `woodfisher qubo` command on a small CNN trained on digits."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("dimod")
+pytest.importorskip("dwave.samplers")
+
+from conftest import cli_bad, cli_ok  # noqa: E402
+from woodfisher.checkpoint import load_checkpoint  # noqa: E402
+from woodfisher.compare import pruning_batches  # noqa: E402
+from woodfisher.data import load_dataset  # noqa: E402
+from woodfisher.params import effective_weight, select_modules  # noqa: E402
+from woodfisher.qubo import Effort, compress  # noqa: E402
+
+FAST = ["--num-grads", "64", "--reads", "8", "--sweeps", "200", "-q"]
+CONTRACT = {"size_ratio", "layers", "energy", "solver", "solver_time_s"}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("qubo") / "cnn.pt"
+    cli_ok(["train", "--model", "cnn", "--dataset", "digits", "--epochs", "1", "--out",
+            str(path), "-q"])
+    return path
+
+
+def _levels_fit(w: torch.Tensor, bits: int) -> bool:
+    rows = w.reshape(w.shape[0], -1)
+    return all(len(torch.unique(r[r != 0])) <= 2 ** bits - 1 for r in rows)
+
+
+@pytest.mark.parametrize("quantizer,constraint", [("rtn", "lagrange"), ("obq", "penalty")])
+def test_compress_prunes_quantizes_and_reports(ckpt, quantizer, constraint):
+    model, info = load_checkpoint(ckpt)
+    splits = load_dataset("digits")
+    data = pruning_batches(splits.train, 64, seed=0)
+    before = copy.deepcopy(model)
+    report = compress(model, data, budget=0.12, quantizer=quantizer, constraint=constraint,
+                      num_grads=64, effort=Effort(reads=8, sweeps=200), block_size=64)
+    json.dumps(report)
+    assert CONTRACT <= set(report)
+    assert report["size_ratio"] <= 0.12
+    modules = select_modules(model)
+    old = select_modules(before)
+    assert [row["name"] for row in report["layers"]] == list(modules)
+    size = 0
+    for row in report["layers"]:
+        w = effective_weight(modules[row["name"]])
+        assert row["filters"] == w.shape[0] and 2 <= row["bits"] <= 8
+        assert row["pruned_filters"] == len(row["pruned"])
+        zero_rows = [i for i in range(w.shape[0]) if not w[i].any()]
+        assert set(row["pruned"]) <= set(zero_rows)
+        assert _levels_fit(w, row["bits"])
+        if row["pruned"]:
+            assert hasattr(modules[row["name"]], "weight_mask")
+        size += (row["filters"] - row["pruned_filters"]) * w[0].numel() * row["bits"]
+        if quantizer == "rtn":  # unpruned filters are their old weights rounded
+            kept = [i for i in range(w.shape[0]) if i not in row["pruned"]]
+            from woodfisher.quant import fake_quantize
+            mask = torch.zeros_like(w)
+            mask[kept] = 1
+            want = fake_quantize(effective_weight(old[row["name"]]) * mask, row["bits"])
+            assert torch.allclose(w, want)
+    total = 32 * sum(effective_weight(m).numel() for m in modules.values())
+    assert report["size_ratio"] == pytest.approx(size / total)
+
+
+def test_cli_writes_checkpoint_and_json(ckpt, tmp_path):
+    out = tmp_path / "q.pt"
+    res = cli_ok(["qubo", str(ckpt), "--budget", "0.12", "--out", str(out), *FAST])
+    assert "bits" in res.stdout and "size" in res.stdout
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert CONTRACT <= set(report) and report["size_ratio"] <= 0.12
+    model, info = load_checkpoint(out)
+    assert info["meta"]["test_accuracy"] == report["after"]["accuracy"]
+    assert any(hasattr(m, "weight_mask") for m in model.modules()) or all(
+        row["pruned_filters"] == 0 for row in report["layers"]
+    )
+
+
+def test_cli_compares_solvers(ckpt):
+    res = cli_ok(["qubo", str(ckpt), "--objective", "magnitude", "--solvers", "sa,tabu,ga,rl",
+                  "--tabu-ms", "5", "--json", *FAST])
+    report = json.loads(res.stdout)
+    assert [r["solver"] for r in report["solvers"]] == ["sa", "tabu", "ga", "rl"]
+    assert min(r["gap"] for r in report["solvers"]) == 0
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--budget", "1"], "budget must be"),
+    (["--budget", "0"], "budget must be"),
+    (["--bits", "0,8"], "bits"),
+    (["--bits", "2,17"], "bits"),
+    (["--solver", "quantum"], "unknown solver"),
+    (["--solvers", "sa,exact"], "at most 22"),
+    (["--objective", "hessian"], "unknown objective"),
+])
+def test_cli_bad_input(ckpt, tmp_path, args, fragment):
+    out = tmp_path / "bad.pt"
+    cli_bad(["qubo", str(ckpt), *args, "--out", str(out), *FAST], fragment)
+    assert not out.exists() and not out.with_suffix(".json").exists()
