@@ -269,3 +269,14 @@ def test_budget_below_the_smallest_reachable_size(tiny):
     net, _ = tiny
     with pytest.raises(ValueError, match="below the smallest size"):
         build_qubo(net, None, 0.01, objective="magnitude", bits=(4, 8))
+
+
+def test_redamped_costs_equal_a_fresh_build(tiny):
+    net, data = tiny
+    fresh = qubo_costs(net, data, "fisher", num_grads=32, relative_damp=0.3)
+    redamped = qubo_costs(net, data, "fisher", num_grads=32, relative_damp=5.0)
+    redamped = redamped.with_relative_damp(0.3)
+    assert torch.allclose(fresh.prune, redamped.prune)
+    assert all(torch.allclose(fresh.quant[n], redamped.quant[n]) for n in fresh.quant)
+    with pytest.raises(ValueError, match="only fisher"):
+        qubo_costs(net, None, "magnitude").with_relative_damp(1.0)

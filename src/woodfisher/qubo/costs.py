@@ -41,6 +41,10 @@ from woodfisher.quant import MAX_BITS, fake_quantize, quant_scale
 
 #: Objectives :func:`qubo_costs` builds.
 OBJECTIVES = ("magnitude", "fisher")
+#: Default damp of the fisher objective, relative to the Fisher's mean diagonal. Much larger
+#: than pruning's 1e-2: pruning a whole filter is a large step, and a small damp lets the
+#: empirical Fisher call it cheap (chosen on a validation split, bench/qubo.py).
+QUBO_RELATIVE_DAMP = 1.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,33 @@ class Costs:
     modules: dict[str, nn.Module]
     bits: tuple[int, int]
     options: dict[str, object] = field(default_factory=dict)
+    parts: dict[str, object] | None = None
+
+    def with_relative_damp(self, relative_damp: float) -> Costs:
+        """The same Fisher statistics with another damp (no new gradients).
+
+        Both costs are linear in the damp: ``J = J_EF + damp·½ diag(|w_i|²)`` and
+        ``quant = quant_EF + damp·quant_I``.
+
+        Args:
+            relative_damp: Damp as a multiple of the Fisher's mean diagonal, > 0.
+
+        Returns:
+            New costs.
+
+        Raises:
+            ValueError: For magnitude costs or a damp that is not > 0.
+        """
+        if self.parts is None:
+            raise ValueError("only fisher costs have a damp")
+        if not (isinstance(relative_damp, (int, float)) and relative_damp > 0):
+            raise ValueError(f"relative_damp must be a number > 0, got {relative_damp!r}")
+        damp = float(relative_damp) * float(self.parts["scale"])
+        ef, ident = self.parts["prune"]
+        quant = {n: e + damp * i for n, (e, i) in self.parts["quant"].items()}
+        options = {**self.options, "relative_damp": float(relative_damp), "damp": damp}
+        return Costs(self.objective, self.layers, ef + damp * ident, quant, self.modules,
+                     self.bits, options, self.parts)
 
     @property
     def single(self) -> Tensor:
@@ -201,8 +232,8 @@ def qubo_costs(
         bits: The lowest and highest bit width a layer may get.
         beta: Weight of the magnitude objective's quantization term.
         num_grads: Per-sample gradients for the Fisher (default the engine's 500).
-        relative_damp: Damp as a multiple of the Fisher's mean diagonal (default the
-            engine's 1e-2).
+        relative_damp: Damp as a multiple of the Fisher's mean diagonal (default
+            :data:`QUBO_RELATIVE_DAMP`).
         seed: Seed of the gradient pass.
         progress: Show a progress bar.
 
@@ -255,24 +286,25 @@ def qubo_costs(
     if data is None:
         raise ValueError("objective='fisher' needs data: batches of (inputs, targets)")
     m = num_grads or int(CURVATURE_DEFAULTS["num_grads"])
-    rel = float(CURVATURE_DEFAULTS["relative_damp"] if relative_damp is None else relative_damp)
-    G = sample_gradients(
-        model, data, num_grads=m, params=modules, seed=seed, progress=progress
-    ).double()
-    damp = rel * relative_damp_scale(G)
-    fdiag = damp + G.square().mean(0)
-    scores, sq_norms, at = [], [], 0
+    rel = float(QUBO_RELATIVE_DAMP if relative_damp is None else relative_damp)
+    G = sample_gradients(model, data, num_grads=m, params=modules, seed=seed, progress=progress)
+    scale = relative_damp_scale(G)
+    scores, sq_norms, parts, at = [], [], {}, 0
     for spec in specs:
         w = weights[spec.name].double()
         size = w.numel()
+        g = G[:, at : at + size].double()
         if spec.prunable:
-            g = G[:, at : at + size].reshape(m, spec.filters, spec.per_filter)
             # t_si = g_sᵀ δ_i with δ_i = −w_i: the loss change of pruning filter i, sample s.
-            scores.append(-(g * _matrix(w)).sum(-1))
+            scores.append(-(g.reshape(m, spec.filters, spec.per_filter) * _matrix(w)).sum(-1))
             sq_norms.append(_matrix(w).square().sum(1))
-        quant[spec.name] = expected_noise(w, fdiag[at : at + size].reshape(w.shape), widths)
+        ef = expected_noise(w, g.square().mean(0).reshape(w.shape), widths)
+        parts[spec.name] = (ef, expected_noise(w, torch.ones_like(w), widths))
         at += size
+    del G
     T = torch.cat(scores, dim=1)
-    prune = 0.5 * (T.T @ T / m + damp * torch.diag(torch.cat(sq_norms)))
-    options.update(num_grads=m, relative_damp=rel, damp=damp, seed=seed)
-    return Costs(objective, specs, prune, quant, modules, (lo, hi), options)
+    ident = 0.5 * torch.diag(torch.cat(sq_norms))
+    options.update(num_grads=m, seed=seed)
+    base = Costs(objective, specs, ident, {}, modules, (lo, hi), options,
+                 {"prune": (0.5 * T.T @ T / m, ident), "quant": parts, "scale": scale})
+    return base.with_relative_damp(rel)
