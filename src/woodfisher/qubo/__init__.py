@@ -24,7 +24,14 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from woodfisher.qubo.apply import QUANTIZERS, apply_plan, compress, layer_report, plan_masks
+from woodfisher.qubo.apply import (
+    QUANTIZERS,
+    apply_plan,
+    compress,
+    layer_report,
+    plan_masks,
+    plan_modules,
+)
 from woodfisher.qubo.costs import OBJECTIVES, Costs, LayerCosts, qubo_costs
 from woodfisher.qubo.formulation import (
     CONSTRAINTS,
@@ -59,6 +66,7 @@ __all__ = [
     "feasible_start",
     "apply_plan",
     "plan_masks",
+    "plan_modules",
     "layer_report",
     "genetic",
     "reinforce",

@@ -30,7 +30,7 @@ from torch import nn
 from woodfisher.params import effective_weight
 from woodfisher.pruning.masks import apply_masks
 from woodfisher.quant import fake_quantize_model
-from woodfisher.qubo.costs import qubo_costs
+from woodfisher.qubo.costs import Costs, qubo_costs
 from woodfisher.qubo.formulation import (
     CONSTRAINTS,
     Decision,
@@ -49,6 +49,30 @@ from woodfisher.qubo.solve import (
 
 #: How a layer is put on its grid.
 QUANTIZERS = ("rtn", "obq")
+
+
+def plan_modules(model: nn.Module, problem: QuboProblem) -> dict[str, nn.Module]:
+    """The modules of ``model`` that the problem's layers name (``model`` may be a copy of the
+    model the costs were built on).
+
+    Returns:
+        Layer name to module, in the problem's order.
+
+    Raises:
+        ValueError: If ``model`` lacks a layer or its shape differs.
+    """
+    named = dict(model.named_modules())
+    out = {}
+    for layer in problem.costs.layers:
+        mod = named.get(layer.name)
+        w = None if mod is None else getattr(mod, "weight", None)
+        if w is None or w.shape[0] != layer.filters or w[0].numel() != layer.per_filter:
+            raise ValueError(
+                f"the model has no layer {layer.name!r} with {layer.filters} filters of "
+                f"{layer.per_filter} weights; pass the model the problem was built for"
+            )
+        out[layer.name] = mod
+    return out
 
 
 def plan_masks(problem: QuboProblem, decision: Decision) -> dict[str, torch.Tensor]:
@@ -78,11 +102,11 @@ def apply_plan(
     """Prune and quantize ``model`` in place as ``decision`` says.
 
     Args:
-        model: The model the problem was built for.
+        model: The model the problem was built for, or a copy of it.
         problem: The problem.
         decision: The plan.
         quantizer: ``"rtn"`` or ``"obq"``.
-        fisher: For ``"obq"``: a :class:`woodfisher.FisherInverse` of the model's weights,
+        fisher: For ``"obq"``: a :class:`woodfisher.FisherInverse` of ``model``'s weights,
             built before this call.
 
     Returns:
@@ -95,7 +119,7 @@ def apply_plan(
 
     if quantizer not in QUANTIZERS:
         raise ValueError(f"unknown quantizer {quantizer!r}; choose from {list(QUANTIZERS)}")
-    modules = problem.costs.modules
+    modules = plan_modules(model, problem)
     masks = plan_masks(problem, decision)
     if quantizer == "rtn":
         apply_masks(model, modules, masks)
@@ -154,6 +178,7 @@ def compress(
     relative_damp: float | None = None,
     block_size: int | None = 128,
     effort: Effort | None = None,
+    costs: Costs | None = None,
     progress: bool = False,
 ) -> dict[str, object]:
     """Prune filters and choose per-layer bit widths by solving a QUBO; change ``model`` in place.
@@ -178,8 +203,12 @@ def compress(
         no_prune: Layers quantized but never pruned (default the last one).
         num_grads: Gradients for the Fisher (default 500).
         relative_damp: Damp relative to the Fisher's mean diagonal (default 1e-2).
-        block_size: Block size of ``F⁻¹`` for ``"obq"``.
+        block_size: Block size of ``F⁻¹`` for ``"obq"`` (whose damp is the engine's default,
+            as for pruning).
         effort: Solver budget (default :class:`~woodfisher.qubo.solve.Effort`'s).
+        costs: Statistics already built by :func:`~woodfisher.qubo.costs.qubo_costs` for this
+            model or an identical copy (then ``objective``, ``bits``, ``beta``, ``layers``,
+            ``skip``, ``no_prune``, ``num_grads`` and ``relative_damp`` are theirs).
         progress: Show progress bars.
 
     Returns:
@@ -207,11 +236,13 @@ def compress(
     effort = effort or Effort()
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    costs = qubo_costs(
-        model, data, objective, layers=layers, skip=skip, no_prune=no_prune, bits=bits,
-        beta=beta, num_grads=num_grads, relative_damp=relative_damp, seed=seed,
-        progress=progress,
-    )
+    if costs is None:
+        costs = qubo_costs(
+            model, data, objective, layers=layers, skip=skip, no_prune=no_prune, bits=bits,
+            beta=beta, num_grads=num_grads, relative_damp=relative_damp, seed=seed,
+            progress=progress,
+        )
+    objective = costs.objective
     times["costs"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     trace = None
@@ -236,8 +267,9 @@ def compress(
     t0 = time.perf_counter()
     fisher = None
     if quantizer == "obq":
-        fisher = fisher_inverse(model, data, params=costs.modules, num_grads=num_grads,
-                                block_size=block_size, relative_damp=relative_damp, seed=seed)
+        fisher = fisher_inverse(model, data, params=plan_modules(model, problem),
+                                num_grads=num_grads,
+                                block_size=block_size, seed=seed)  # the engine's damp
     stored = apply_plan(model, problem, decision, quantizer, fisher)
     times["apply"] = time.perf_counter() - t0
     fp32 = problem.fp32_bits
