@@ -208,7 +208,8 @@ def accuracy_study(name, model, splits, fit, calib, fisher, magnitude, budgets, 
         acc = evaluate(m, splits.test)["accuracy"]
         row = {"method": method, "budget": budget, "size_ratio": size, "accuracy": acc,
                "drop": dense - acc, **(extra or {})}
-        if budget in ft_budgets and method.split(" ")[0] in ft_methods:
+        kind = "uniform" if method.startswith("uniform") else method
+        if budget in ft_budgets and kind in ft_methods:
             t0 = time.perf_counter()
             finetune(m, bits, fit, seed)
             row["accuracy_ft1"] = evaluate(m, splits.test)["accuracy"]
@@ -323,7 +324,7 @@ def main() -> None:
         # --quick fine-tunes two methods on 10,000 images; the full run all four on 55,000.
         ft_data = TensorDataset(x[:10_000], y[:10_000]) if quick else fit
         ft_methods = ("uniform", "fisher-QUBO") if quick else (
-            "uniform", "magnitude-QUBO", "fisher-QUBO")
+            "uniform", "magnitude-QUBO", "fisher-QUBO", "fisher-QUBO + OBQ")
         acc = accuracy_study(name, model, splits, ft_data, calib, fisher, magnitude, budgets,
                              ft, effort, 0, ft_methods)
         acc["finetune_images"] = len(ft_data)
