@@ -161,7 +161,8 @@ def obq_weights(
         for blk in blocks:
             by_size.setdefault(blk[2] - blk[1], []).append(blk)
         for group in by_size.values():
-            idx = torch.stack([torch.arange(s - start, e - start) for _, s, e in group])
+            idx = torch.stack([torch.arange(s - start, e - start, device=flat_w.device)
+                               for _, s, e in group])
             hinv = torch.stack([fisher.inv.block(i) for i, _, _ in group]).to(torch.float64)
             new[idx] = obq_blocks(flat_w[idx], hinv, step[idx], b, zero[idx]).to(new.dtype)
         out[name] = new.reshape(w.shape)

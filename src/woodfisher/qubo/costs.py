@@ -278,7 +278,7 @@ def qubo_costs(
                 [beta * scale * ((hi - b) / top) ** 2 for b in widths], dtype=torch.float64
             )
             if spec.prunable:
-                blocks.append(torch.outer(a, a))
+                blocks.append(torch.outer(a, a).cpu())
         prune = torch.block_diag(*blocks)
         options["beta"] = float(beta)
         return Costs(objective, specs, prune, quant, modules, (lo, hi), options)
@@ -302,8 +302,10 @@ def qubo_costs(
         parts[spec.name] = (ef, expected_noise(w, torch.ones_like(w), widths))
         at += size
     del G
-    T = torch.cat(scores, dim=1)
-    ident = 0.5 * torch.diag(torch.cat(sq_norms))
+    # The statistics are small: keep them on the CPU, where the formulation reads them.
+    T = torch.cat(scores, dim=1).cpu()
+    ident = 0.5 * torch.diag(torch.cat(sq_norms)).cpu()
+    parts = {n: (e.cpu(), i.cpu()) for n, (e, i) in parts.items()}
     options.update(num_grads=m, seed=seed)
     base = Costs(objective, specs, ident, {}, modules, (lo, hi), options,
                  {"prune": (0.5 * T.T @ T / m, ident), "quant": parts, "scale": scale})
