@@ -43,15 +43,19 @@ from common import dense_checkpoint, machine_info  # noqa: E402
 
 from woodfisher.checkpoint import atomic_save_json  # noqa: E402
 from woodfisher.compare import pruning_batches  # noqa: E402
+from woodfisher.curvature import fisher_inverse  # noqa: E402
 from woodfisher.data import load_dataset  # noqa: E402
 from woodfisher.params import select_modules  # noqa: E402
 from woodfisher.quant import fake_quantize_model, quant_aware  # noqa: E402
 from woodfisher.qubo import (  # noqa: E402
     Effort,
+    apply_plan,
     best_decision,
-    compress,
+    fill,
     formulate,
     lagrange_search,
+    layer_report,
+    plan_modules,
     qubo_costs,
     solve,
 )
@@ -133,7 +137,7 @@ def solver_study(name: str, costs, budgets: list[float], effort: Effort, seeds: 
               "instances": [], "subproblems": []}
     for budget in budgets:
         log(f"{name}: γ search at budget {budget}")
-        lag, _, _, trace = lagrange_search(costs, budget, "sa", seed=0, effort=effort)
+        lag, _, _, trace = plan(costs, budget, effort, 0)
         for constraint, problem in (("penalty", formulate(costs, budget)), ("lagrange", lag)):
             bqm = problem.bqm
             log(f"{name}: {constraint} QUBO, budget {budget}: {bqm.num_variables} variables, "
@@ -168,11 +172,34 @@ def finetune(model, bits: dict[str, int], data, seed: int) -> dict:
         return train(model, data, epochs=1, lr=0.01, seed=seed, progress=False)
 
 
+_PLANS: dict = {}
+
+
+def plan(costs, budget, effort, seed):
+    """What ``compress`` does before applying (γ search, then fill), once per costs and budget."""
+    key = (id(costs), budget, seed)
+    if key not in _PLANS:
+        problem, run, decision, trace = lagrange_search(costs, budget, "sa", seed=seed,
+                                                        effort=effort)
+        _PLANS[key] = (problem, run, fill(problem, decision), trace)
+    return _PLANS[key]
+
+
 def qubo_run(model, costs, data, budget, quantizer, effort, seed):
+    """``compress(model copy, costs=costs, ...)`` with the plan shared between quantizers."""
+    problem, run, decision, trace = plan(costs, budget, effort, seed)
     m = copy.deepcopy(model)
-    report = compress(m, data, budget=budget, costs=costs, quantizer=quantizer,
-                      effort=effort, seed=seed, num_grads=costs.options.get("num_grads"))
-    return m, report
+    fisher = None
+    if quantizer == "obq":
+        fisher = fisher_inverse(m, data, params=plan_modules(m, problem),
+                                num_grads=costs.options.get("num_grads"), block_size=128)
+    stored = apply_plan(m, problem, decision, quantizer, fisher)
+    return m, {
+        "size_ratio": problem.size_ratio(decision), "layers": layer_report(problem, decision),
+        "objective_value": problem.objective_value(decision),
+        "solver_time_s": sum(t["time_s"] for t in trace),
+        "storage_ratio": sum(v["storage_bits"] for v in stored.values()) / problem.fp32_bits,
+    }
 
 
 def choose_on_validation(model, fisher, calib, val, effort, grid) -> dict:
