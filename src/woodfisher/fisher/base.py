@@ -16,37 +16,55 @@ import torch
 from torch import Tensor
 
 
-def make_blocks(sizes: Sequence[int], block_size: int | None) -> tuple[tuple[int, int], ...]:
+def make_blocks(
+    sizes: Sequence[int], block_size: int | None | Sequence[int | None]
+) -> tuple[tuple[int, int], ...]:
     """Cut a vector made of layers of ``sizes`` into blocks that never cross a layer.
 
     Args:
         sizes: Number of entries of each layer, in order.
         block_size: Entries per block; the last block of a layer may be shorter.
-            ``None`` means one block over the whole vector (the full matrix).
+            ``None`` means one block over the whole vector (the full matrix). A sequence gives
+            one size per layer (``None`` there: the whole layer as one block), so that blocks can
+            align with a pruning pattern (whole rows, whole tiles, whole layers).
 
     Returns:
         ``(start, stop)`` of every block, in order, covering ``[0, sum(sizes))``.
 
     Raises:
-        ValueError: If ``block_size < 1`` or a size is negative.
+        ValueError: If a block size is < 1, a size is negative, or a sequence of block sizes
+            does not have one entry per layer.
 
     Example:
         >>> make_blocks([5, 3], 2)
         ((0, 2), (2, 4), (4, 5), (5, 7), (7, 8))
         >>> make_blocks([5, 3], None)
         ((0, 8),)
+        >>> make_blocks([5, 3], [5, 2])
+        ((0, 5), (5, 7), (7, 8))
     """
     if any(s < 0 for s in sizes):
         raise ValueError(f"layer sizes must be >= 0, got {list(sizes)}")
     d = sum(sizes)
     if block_size is None:
         return ((0, d),) if d else ()
-    if isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
+    if isinstance(block_size, Sequence) and not isinstance(block_size, str):
+        per_layer = list(block_size)
+        if len(per_layer) != len(sizes):
+            raise ValueError(
+                f"block_size gives {len(per_layer)} sizes for {len(sizes)} layers; give one "
+                "per layer, one int for all, or None"
+            )
+    else:
+        per_layer = [block_size] * len(sizes)
+    for b in per_layer:
+        if b is not None and (isinstance(b, bool) or int(b) != b or b < 1):
+            raise ValueError(f"block_size must be a positive integer or None, got {b!r}")
     out, start = [], 0
-    for s in sizes:
-        for b in range(start, start + s, block_size):
-            out.append((b, min(b + block_size, start + s)))
+    for s, b in zip(sizes, per_layer, strict=True):
+        step = max(s, 1) if b is None else int(b)
+        for lo in range(start, start + s, step):
+            out.append((lo, min(lo + step, start + s)))
         start += s
     return tuple(out)
 
@@ -185,6 +203,52 @@ class InverseCurvature:
         """
         start, stop = self.blocks[b]
         return self.columns(torch.arange(start, stop, device=self.device))[start:stop]
+
+    def principal_blocks(self, index: Tensor) -> Tensor:
+        """The principal submatrices ``[F⁻¹]_QQ`` of many small index sets ``Q`` at once.
+
+        What group OBS needs: each row of ``index`` is one group ``Q`` (each inside one diagonal
+        block). The default reads the dense blocks through :meth:`block`; subclasses override
+        it where a group's entries are cheaper to reach directly.
+
+        Args:
+            index: (G, g) long flat indices, each row inside one block.
+
+        Returns:
+            (G, g, g) tensor with ``out[i] = F⁻¹[index[i]][:, index[i]]``.
+
+        Raises:
+            ValueError: If ``index`` is not 2-D, is out of range, or a row crosses a block.
+        """
+        index = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        if index.ndim != 2:
+            raise ValueError(f"index must be (G, g), got shape {tuple(index.shape)}")
+        G, g = index.shape
+        out = torch.zeros(G, g, g, dtype=self.dtype, device=self.device)
+        if G == 0 or g == 0:
+            return out
+        if index.min() < 0 or index.max() >= self.d:
+            raise ValueError(f"indices must lie in [0, {self.d})")
+        block_of, crossing = self._block_of(index)
+        for b in torch.unique(block_of[~crossing, 0]).tolist():
+            rows = ((block_of[:, 0] == b) & ~crossing).nonzero().reshape(-1)
+            start = self.blocks[b][0]
+            dense = self.block(b)
+            pos = index[rows] - start
+            out[rows] = dense[pos[:, :, None], pos[:, None, :]]
+        self._crossing_blocks(index, crossing, out)
+        return out
+
+    def _block_of(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Block number of every entry of ``index`` (G, g), and which rows cross blocks."""
+        starts = torch.tensor([s for s, _ in self.blocks], device=index.device)
+        block_of = torch.searchsorted(starts, index, right=True) - 1
+        return block_of, (block_of != block_of[:, :1]).any(1)
+
+    def _crossing_blocks(self, index: Tensor, crossing: Tensor, out: Tensor) -> None:
+        """Fill the rows of ``out`` whose group spans several blocks (zeros between blocks)."""
+        for r in crossing.nonzero().reshape(-1).tolist():
+            out[r] = self.columns(index[r])[index[r]]
 
     def constrained_min(
         self, fixed: Tensor, values: Tensor, linear: Tensor | None = None

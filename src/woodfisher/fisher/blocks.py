@@ -416,6 +416,48 @@ class EmpiricalFisherInverse(InverseCurvature):
             out[s:e, sel] = cols
         return out
 
+    def principal_blocks(self, index: Tensor) -> Tensor:
+        """``[F⁻¹]_QQ`` for every row ``Q`` of ``index``, without forming any (B, B) block.
+
+        In sample space ``[F⁻¹]_QQ = (I − W_QᵀW_Q)/damp`` from the ``g`` columns of the kept
+        factor ``W``, so group OBS over all of ``d`` costs ``m·d·g``.
+
+        Returns:
+            (G, g, g) tensor.
+        """
+        if self.algorithm == "woodbury":
+            return super().principal_blocks(index)
+        index = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        if index.ndim != 2:
+            raise ValueError(f"index must be (G, g), got shape {tuple(index.shape)}")
+        G, g = index.shape
+        out = torch.empty(G, g, g, dtype=self.dtype, device=self.device)
+        if G == 0 or g == 0:
+            return out
+        if index.min() < 0 or index.max() >= self.d:
+            raise ValueError(f"indices must lie in [0, {self.d})")
+        block_of, crossing = self._block_of(index)
+        block_of = torch.where(crossing, -1, block_of[:, 0])
+        eye = torch.eye(g, dtype=self.dtype, device=self.device)
+        for grp in self._groups:
+            ids = torch.tensor(grp.ids, device=self.device)
+            pos_in_grp = torch.full((len(self.blocks),), -1, dtype=torch.long, device=self.device)
+            pos_in_grp[ids] = torch.arange(len(grp.ids), device=self.device)
+            rows = ((block_of >= 0) & (pos_in_grp[block_of.clamp(min=0)] >= 0)).nonzero()
+            rows = rows.reshape(-1)
+            step = max(1, CHUNK_ELEMENTS // max(1, self.num_grads * g))
+            for lo in range(0, rows.numel(), step):
+                r = rows[lo : lo + step]
+                j = pos_in_grp[block_of[r]]  # (c,) block within the group
+                pos = index[r] - grp.starts[j][:, None]  # (c, g)
+                if grp.sample_space:
+                    W = grp.factor[j[:, None], :, pos]  # (c, g, m)
+                    out[r] = (eye - W @ W.transpose(1, 2)) / self.damp
+                else:
+                    out[r] = grp.factor[j[:, None, None], pos[:, :, None], pos[:, None, :]]
+        self._crossing_blocks(index, crossing, out)
+        return out
+
     def constrained_min(
         self, fixed: Tensor, values: Tensor, linear: Tensor | None = None
     ) -> Tensor:

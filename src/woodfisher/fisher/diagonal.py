@@ -85,6 +85,15 @@ class DiagonalFisherInverse(InverseCurvature):
         s, e = self.blocks[b]
         return torch.diag(self.inverse_diag[s:e])
 
+    def principal_blocks(self, index: Tensor) -> Tensor:
+        """Diagonal ``[F⁻¹]_QQ`` for every row ``Q`` of ``index``.
+
+        Returns:
+            (G, g, g) tensor.
+        """
+        index = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        return torch.diag_embed(self.inverse_diag[index])
+
     def constrained_min(
         self, fixed: Tensor, values: Tensor, linear: Tensor | None = None
     ) -> Tensor:

@@ -185,6 +185,31 @@ class KFACInverse(InverseCurvature):
             out[s:e, sel] = cols.reshape(-1, o * n).T
         return out
 
+    def principal_blocks(self, index: Tensor) -> Tensor:
+        """``[S⁻¹ ⊗ A⁻¹]_QQ`` for every row ``Q`` of ``index`` (each inside one layer).
+
+        Returns:
+            (G, g, g) tensor.
+        """
+        index = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        G, g = index.shape
+        out = torch.empty(G, g, g, dtype=self.dtype, device=self.device)
+        if G == 0:
+            return out
+        block_of, crossing = self._block_of(index)
+        block_of = block_of[:, 0]
+        for b in torch.unique(block_of[~crossing]).tolist():
+            rows = ((block_of == b) & ~crossing).nonzero().reshape(-1)
+            name, (_, n) = self.names[b], self._shape(b)
+            local = index[rows] - self.blocks[b][0]
+            r, c = local // n, local % n
+            out[rows] = (
+                self.S_inv[name][r[:, :, None], r[:, None, :]]
+                * self.A_inv[name][c[:, :, None], c[:, None, :]]
+            )
+        self._crossing_blocks(index, crossing, out)
+        return out
+
     def constrained_min(
         self, fixed: Tensor, values: Tensor, linear: Tensor | None = None
     ) -> Tensor:

@@ -133,6 +133,8 @@ def suggest_block_size(
     Returns:
         A block size, or None if no candidate fits.
     """
+    if block_size is not None and not isinstance(block_size, int):
+        block_size = max((b for b in block_size if b is not None), default=None)
     top = block_size if block_size is not None else d
     cands = {top // 2**k for k in range(1, 12)} | {
         10000, 5000, 2000, 1000, 500, 200, 100, 50, 20, 10, 5, 1

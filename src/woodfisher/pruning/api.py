@@ -34,8 +34,10 @@ from woodfisher.pruning.methods import (
     get_method,
     resolve_update,
 )
+from woodfisher.pruning.patterns import parse_pattern
 from woodfisher.pruning.schedule import auto_steps, interpolate
 from woodfisher.pruning.select import SCOPES, check_sparsity, select_by_sparsity
+from woodfisher.pruning.structured import StructuredPlan, make_plan
 
 
 @dataclass
@@ -92,6 +94,11 @@ class PruneResult:
         damp_search: Relative damp → held-out loss, when ``damp="auto"``.
         seed: The seed used.
         options: All options, JSON-able.
+        pattern: The pruning pattern (``"unstructured"``, ``"2:4"``, ``"block:4x4"``,
+            ``"channels"``).
+        target: ``"params"`` or ``"flops"`` (what ``sparsity`` counted).
+        structure: For patterns and FLOP targets: groups removed per layer, skipped layers,
+            what compensated for removed channels, MACs removed; None otherwise.
     """
 
     method: str
@@ -108,6 +115,9 @@ class PruneResult:
     damp_search: dict[str, float] | None
     seed: int
     options: dict[str, object]
+    pattern: str = "unstructured"
+    target: str = "params"
+    structure: dict[str, object] | None = None
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-serialisable dict of the report.
@@ -345,10 +355,13 @@ def evaluate_loss(model: nn.Module, batches: Iterable, loss_fn: Callable | None 
 def prune(
     model: nn.Module,
     data: Iterable,
-    sparsity: float,
+    sparsity: float | None,
     method: str = "woodfisher",
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     *,
+    pattern: str = "unstructured",
+    target: str = "params",
+    example_inputs: object | None = None,
     layers: Sequence[str] | str | None = None,
     skip: Sequence[str] | str | None = None,
     scope: str = "global",
@@ -376,9 +389,19 @@ def prune(
         data: Iterable of ``(inputs, targets)`` batches; gradients come from its first
             ``num_grads · samples_per_grad`` samples.
         sparsity: Target fraction of zeros in [0, 1), counted over all selected weights,
-            weights pruned before included.
+            weights pruned before included; with ``target="flops"`` the fraction of the
+            model's multiply-accumulates removed; with an N:M pattern None (implied: 1 − N/M
+            in every layer the pattern fits), or less for an intermediate step.
         method: A key of :data:`~woodfisher.pruning.methods.METHODS`.
         loss_fn: ``loss_fn(outputs, targets)`` -> mean loss; default cross-entropy.
+        pattern: ``"unstructured"``, ``"N:M"`` (e.g. ``"2:4"``), ``"block:RxC"`` or
+            ``"channels"`` (see :mod:`woodfisher.pruning.patterns`). Groups are scored by group
+            OBS and selected globally (saliency per weight, or per MAC with
+            ``target="flops"``); layers a pattern does not fit are skipped and reported,
+            unless named in ``layers``.
+        target: ``"params"`` or ``"flops"`` (rank by saliency per MAC removed).
+        example_inputs: A batch for counting MACs and tracing channels; default the inputs of
+            the first batch of ``data``.
         layers: ``fnmatch`` patterns of modules to prune (default every Linear/Conv).
         skip: Patterns of modules to leave alone.
         scope: ``"global"`` (one threshold over all layers) or ``"layerwise"``.
@@ -420,7 +443,26 @@ def prune(
         >>> prune(net, data, 0.5, method="magnitude").sparsity
         0.5
     """
+    pat = parse_pattern(pattern)
+    implied = pat.implied_sparsity
+    if sparsity is None:
+        if implied is None:
+            raise ValueError(
+                f"sparsity is required for pattern {pat}; only N:M patterns imply one"
+            )
+        sparsity = implied
     check_sparsity(sparsity)
+    if implied is not None and sparsity > implied + 1e-9:
+        raise ValueError(
+            f"pattern {pat} keeps {pat.n} of every {pat.m} weights, i.e. sparsity "
+            f"{implied:g} in the layers it fits, but sparsity={sparsity!r} was asked; pass "
+            f"sparsity=None (implied) or at most {implied:g}"
+        )
+    if pat.structured and layer_sparsity:
+        raise ValueError(
+            f"layer_sparsity works with the unstructured pattern only, not {pat}; use "
+            "layers/skip to choose the layers"
+        )
     meth = get_method(method)
     upd = resolve_update(meth, update)
     if scope not in SCOPES:
@@ -507,13 +549,23 @@ def prune(
         "recompute": recompute,
         "seed": seed,
         "schedule": DEFAULTS["schedule"],
+        "pattern": str(pat),
+        "target": target,
     }
+    if target not in ("params", "flops"):
+        raise ValueError(f"unknown target {target!r}; choose from ['params', 'flops']")
 
     flags = {mod: mod.training for mod in model.modules()}
     snap = _Snapshot(dict(model.named_modules()))
     model.eval()
     try:
         check_data(model, data, loss_fn)
+        example = example_inputs if example_inputs is not None else _first(iter(data))[0]
+
+        def plan_for(net, mods):
+            return make_plan(net, mods, layout, pat, target, example, explicit=layers is not None)
+
+        plan = plan_for(model, modules)
         search, t_search = None, 0.0
         if damp == "auto" and meth.curvature not in (None, "kfac"):
             t0 = time.perf_counter()
@@ -530,9 +582,10 @@ def prune(
             search = {}
             for rel in DEFAULTS["damp_grid"]:
                 trial = copy.deepcopy(model)
+                trial_modules = select_modules(trial, layers, skip)
                 _run(
                     trial,
-                    select_modules(trial, layers, skip),
+                    trial_modules,
                     layout,
                     meth,
                     data,
@@ -542,6 +595,7 @@ def prune(
                     upd,
                     {**options, "relative_damp": rel},
                     recompute,
+                    plan and plan_for(trial, trial_modules),
                 )
                 search[repr(rel)] = evaluate_loss(trial, val, loss_fn)
             best = min(search, key=lambda k: search[k])  # first of equals: dict order
@@ -559,6 +613,7 @@ def prune(
             upd,
             options,
             recompute,
+            plan,
         )
     except BaseException:
         snap.restore()
@@ -591,14 +646,26 @@ def prune(
         damp_search=search,
         seed=seed,
         options=public,
+        pattern=str(pat),
+        target=target,
+        structure=plan.report(modules) if plan is not None else None,
     )
 
 
 def _run(
-    model, modules, layout, meth, data, sparsity, scope, layer_sparsity, upd, options, recompute
+    model, modules, layout, meth, data, sparsity, scope, layer_sparsity, upd, options, recompute,
+    plan: StructuredPlan | None = None,
 ) -> dict:
     """All recomputation steps on ``model``; returns the summed stats."""
-    current = float((~flat_masks(modules)).sum()) / layout.d
+
+    def progress() -> float:
+        if plan is not None:
+            return plan.progress(modules)
+        return float((~flat_masks(modules)).sum()) / layout.d
+
+    current = progress()
+    if plan is not None:
+        options = {**options, "block_size": plan.block_sizes(options["block_size"])}
     kind = DEFAULTS["schedule"]
     if recompute == "auto":
         # Magnitudes do not change between steps, so more steps would only repeat the work.
@@ -629,7 +696,10 @@ def _run(
         curv = build_inverse(meth, model, data, modules, options)
         for k, v in curv.times.items():
             times[k] += v
-        st = _step(modules, layout, meth, curv, target, scope, overrides, upd)
+        if plan is None:
+            st = _step(modules, layout, meth, curv, target, scope, overrides, upd)
+        else:
+            st = plan.step(modules, layout, meth, curv, target, scope, upd)
         times["selection"] += st["selection"]
         times["update"] += st["update_time"]
         if st["update"] != upd:
@@ -639,6 +709,6 @@ def _run(
         out["predicted"] = (
             None if st["predicted"] is None else (out["predicted"] or 0.0) + st["predicted"]
         )
-        out["steps"].append(float((~flat_masks(modules)).sum()) / layout.d)
+        out["steps"].append(progress())
         out["damp"], out["relative_damp"] = curv.damp, curv.relative_damp
     return out
