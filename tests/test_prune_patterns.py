@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
-from fake_curvature import fake_build_inverse
 from torch import nn
 
 import woodfisher.pruning.api as api
+from fake_curvature import fake_build_inverse
 from woodfisher import count_flops, prune
 from woodfisher.models import build_model
 from woodfisher.params import effective_weight
