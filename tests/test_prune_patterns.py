@@ -93,6 +93,7 @@ def test_one_channel_is_the_brute_force_choice_and_update():
     assert res.structure["groups"][0]["compensated_in"] == "2"
 
 
+@pytest.mark.slow
 def test_channels_zero_bias_and_batchnorm_and_keep_residuals():
     net = build_model("resnet20", (1, 8, 8), 3)
     res = prune(net, data_for((1, 8, 8)), 0.3, pattern="channels", target="flops",

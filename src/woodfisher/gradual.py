@@ -72,7 +72,7 @@ RESUME_FORMAT = "woodfisher-gradual-v1"
 # prune() options a config may carry; seed, loss_fn and progress are set by gradual() itself.
 PRUNE_OPTIONS = (
     "layers", "skip", "scope", "layer_sparsity", "update", "num_grads", "samples_per_grad",
-    "block_size", "damp", "relative_damp", "recompute",
+    "block_size", "damp", "relative_damp", "recompute", "pattern", "target",
 )
 
 # The relative damp of the block-wise empirical Fisher pruners (woodfisher, woodtaylor) inside

@@ -111,11 +111,17 @@ def _layer_table(layers: list[dict[str, Any]]) -> Table:
 def _checkpoint_and_data(
     checkpoint: Path, dataset: str | None, data_dir: Path | None
 ) -> tuple[Any, dict[str, Any], Any]:
-    """Load a checkpoint and its dataset (or ``dataset``), normalised as it was trained."""
+    """Load a checkpoint (or a ``.safetensors`` export) and its dataset, normalised as trained."""
     from woodfisher.checkpoint import load_checkpoint
     from woodfisher.data import load_dataset
 
-    model, info = load_checkpoint(checkpoint)
+    if Path(checkpoint).suffix == ".safetensors":
+        from woodfisher.export import load_export
+
+        model, info = load_export(checkpoint)
+        info.setdefault("meta", {})
+    else:
+        model, info = load_checkpoint(checkpoint)
     saved = info["dataset"]
     name = dataset or saved.get("dataset")
     if not name:
@@ -187,6 +193,25 @@ GRADUAL_RELATIVE_DAMP_HELP = (
     f"{_RELATIVE_DAMP_WHAT} (default {GRADUAL_RELATIVE_DAMP:g} for woodfisher and woodtaylor, "
     f"chosen on a validation split; {_DEFAULTS['relative_damp']:g} for diag-fisher; not for kfac)."
 )
+
+PATTERN_HELP = (
+    "Pruning pattern: unstructured, N:M (e.g. 2:4; implies the sparsity), block:RxC (e.g. "
+    "block:4x4) or channels (whole output channels, with bias and BatchNorm entries)."
+)
+TARGET_HELP = (
+    "What --sparsity counts: params (fraction of the selected weights) or flops (fraction of "
+    "the model's multiply-accumulates, ranking saliency per MAC)."
+)
+
+
+def _pattern_sparsity(pattern: str, sparsity: float | None, default: float) -> float | None:
+    """--sparsity for a pattern: N:M implies it (None), others default to ``default``."""
+    from woodfisher.pruning.patterns import parse_pattern
+
+    if sparsity is not None:
+        return sparsity
+    return None if parse_pattern(pattern).kind == "nm" else default
+
 
 RECOMPUTE_HELP = (
     "Steps to reach the target with fresh curvature between them, or 'auto' (no "

@@ -15,14 +15,17 @@ from woodfisher.cli.common import (
     DATA_DIR_HELP,
     GRADUAL_RELATIVE_DAMP_HELP,
     METHOD_HELP,
+    PATTERN_HELP,
     RECOMPUTE_HELP,
     RELATIVE_DAMP_HELP,
+    TARGET_HELP,
     UPDATE_HELP,
     DeviceOpt,
     _checkpoint_and_data,
     _damp_options,
     _parse_floats,
     _parse_recompute,
+    _pattern_sparsity,
     _stderr_log,
     _stdout,
     app,
@@ -35,8 +38,18 @@ from woodfisher.compare import compare_table
 @user_errors
 def prune(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to prune.")],
-    sparsity: Annotated[float, typer.Option(help="Fraction of selected weights to zero.")] = 0.9,
+    sparsity: Annotated[
+        float | None,
+        typer.Option(help="Fraction of selected weights (or MACs) to zero; default 0.9, "
+                     "implied by N:M."),
+    ] = None,
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = "woodfisher",
+    pattern: Annotated[str, typer.Option(help=PATTERN_HELP)] = "unstructured",
+    target: Annotated[str, typer.Option(help=TARGET_HELP)] = "params",
+    shrink: Annotated[
+        bool, typer.Option(help="Also remove zeroed channels physically; with --out, write "
+                           "OUT.shrunk.safetensors.")
+    ] = False,
     update: Annotated[str | None, typer.Option(help=UPDATE_HELP)] = None,
     scope: Annotated[str, typer.Option(help="global (one threshold) or layerwise.")] = "global",
     num_grads: Annotated[int | None, typer.Option(help="Gradients sampled for the Fisher.")] = None,
@@ -65,13 +78,19 @@ def prune(
     from woodfisher.compare import pruning_batches
     from woodfisher.device import resolve_device
     from woodfisher.pruning import prune as prune_model
+    from woodfisher.pruning.patterns import parse_pattern
     from woodfisher.train import evaluate as evaluate_model
     from woodfisher.train import sparsity_report
 
     dev = resolve_device(device)
+    parse_pattern(pattern)
+    sparsity = _pattern_sparsity(pattern, sparsity, 0.9)
+    shrunk_path = None if out is None else out.with_suffix(".shrunk.safetensors")
     if out is not None:
         check_writable(out)
         check_writable(out.with_suffix(".json"))
+        if shrink:
+            check_writable(shrunk_path)
     model, info, splits = _checkpoint_and_data(checkpoint, None, data_dir)
     model.to(dev)
     before = evaluate_model(model, splits.test)
@@ -83,6 +102,8 @@ def prune(
         batches,
         sparsity,
         method=method,
+        pattern=pattern,
+        target=target,
         update=update,
         scope=scope,
         num_grads=num_grads,
@@ -106,7 +127,27 @@ def prune(
         "sparsity": sparsity_report(pruned)["sparsity"],
         "prune": result.to_dict(),
     }
+    small = None
+    if shrink:
+        from woodfisher.flops import count_flops
+        from woodfisher.shrink import shrink as shrink_model
+
+        example = splits.test.tensors[0][:2]
+        small = shrink_model(pruned, example)
+        dense_flops = count_flops(model, example)
+        report["shrink"] = {
+            "params": sum(p.numel() for p in small.parameters()),
+            "dense_params": sum(p.numel() for p in model.parameters()),
+            "macs": count_flops(small, example).total_macs,
+            "dense_macs": dense_flops.total_macs,
+            "accuracy": evaluate_model(small, splits.test)["accuracy"],
+        }
     if out is not None:
+        if small is not None:
+            from woodfisher.export import save_shrunk
+
+            save_shrunk(small, info["model"], shrunk_path, info["dataset"])
+            report["shrink"]["out"] = str(shrunk_path)
         save_checkpoint(
             out,
             pruned,
@@ -125,7 +166,8 @@ def prune(
         typer.echo(json.dumps(report))
         return
     console = _stdout()
-    table = Table(title=f"{method} ({result.update} update) to {sparsity:.0%}")
+    table = Table(title=f"{method} ({result.update} update), pattern {result.pattern}, to "
+                  f"{result.steps[-1]:.0%} of the {result.target}")
     for col in ("layer", "shape", "params", "sparsity"):
         table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
     for layer in result.layers:
@@ -139,8 +181,18 @@ def prune(
         f"{result.sparsity:.2%}; phases: "
         + ", ".join(f"{k} {v:.1f} s" for k, v in result.times.items())
     )
+    if result.structure and "flops" in result.structure:
+        console.print(f"MACs removed: {result.structure['flops']['removed_fraction']:.2%}; "
+                      f"skipped layers: {result.structure['skipped'] or 'none'}")
+    if small is not None:
+        sh = report["shrink"]
+        console.print(
+            f"shrunk: {sh['params']} parameters (dense {sh['dense_params']}), {sh['macs']} MACs "
+            f"(dense {sh['dense_macs']}), accuracy {sh['accuracy']:.2%}"
+        )
     if out is not None:
-        console.print(f"wrote {out} and {out.with_suffix('.json')}")
+        extra = f" and {shrunk_path}" if small is not None else ""
+        console.print(f"wrote {out}, {out.with_suffix('.json')}{extra}")
 
 
 @app.command()
@@ -150,9 +202,12 @@ def compare(
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = (
         "magnitude,diag-fisher,kfac,woodfisher"
     ),
-    sparsities: Annotated[str, typer.Option(help="Comma-separated sparsities.")] = (
-        "0.5,0.7,0.8,0.9,0.95,0.98"
-    ),
+    sparsities: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated sparsities (default 0.5,...,0.98; N:M: implied)."),
+    ] = None,
+    pattern: Annotated[str, typer.Option(help=PATTERN_HELP)] = "unstructured",
+    target: Annotated[str, typer.Option(help=TARGET_HELP)] = "params",
     update: Annotated[str | None, typer.Option(help=UPDATE_HELP)] = None,
     num_grads: Annotated[int | None, typer.Option(help="Gradients sampled for the Fisher.")] = None,
     block_size: Annotated[int | None, typer.Option(help="Fisher block size.")] = _DEFAULTS[
@@ -174,9 +229,15 @@ def compare(
     from woodfisher.compare import compare as run_compare
     from woodfisher.compare import plot_compare
     from woodfisher.device import resolve_device
+    from woodfisher.pruning.patterns import parse_pattern
 
     dev = resolve_device(device)
     check_writable(out)
+    pat = parse_pattern(pattern)
+    if sparsities is None:
+        sparsities = (
+            f"{pat.implied_sparsity}" if pat.kind == "nm" else "0.5,0.7,0.8,0.9,0.95,0.98"
+        )
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     model, info, splits = _checkpoint_and_data(checkpoint, None, data_dir)
     model.to(dev)
@@ -186,6 +247,8 @@ def compare(
         "block_size": block_size,
         **_damp_options(damp, relative_damp),
         "recompute": _parse_recompute(recompute),
+        "pattern": pattern,
+        "target": target,
     }
     report = run_compare(
         model,
@@ -216,7 +279,12 @@ def gradual(
     checkpoint_opt: Annotated[
         Path | None, typer.Option("--checkpoint", help="The checkpoint, as an option.")
     ] = None,
-    sparsity: Annotated[float, typer.Option(help="Final sparsity of the pruned weights.")] = 0.9,
+    sparsity: Annotated[
+        float | None,
+        typer.Option(help="Final sparsity of the pruned weights (default 0.9; N:M: implied)."),
+    ] = None,
+    pattern: Annotated[str, typer.Option(help=PATTERN_HELP)] = "unstructured",
+    target: Annotated[str, typer.Option(help=TARGET_HELP)] = "params",
     initial_sparsity: Annotated[float, typer.Option(help="Target of the first step.")] = 0.5,
     epochs: Annotated[int, typer.Option(help="Epochs in all (pruning + fine-tuning).")] = 10,
     start: Annotated[int, typer.Option(help="Epoch of the first pruning step (0-based).")] = 0,
@@ -260,11 +328,19 @@ def gradual(
     dev = resolve_device(device)
     if (checkpoint is None) == (checkpoint_opt is None):
         raise ValueError("give the checkpoint once: as the argument or as --checkpoint")
+    from woodfisher.pruning.patterns import parse_pattern
+
+    pat = parse_pattern(pattern)
+    sparsity = _pattern_sparsity(pattern, sparsity, 0.9)
+    if sparsity is None:
+        sparsity = pat.implied_sparsity
     options = {
         "num_grads": num_grads,
         "block_size": block_size,
         "update": update,
         **_damp_options(damp, relative_damp),
+        "pattern": None if pattern == "unstructured" else pattern,
+        "target": None if target == "params" else target,
     }
     res = run_gradual(
         checkpoint or checkpoint_opt,

@@ -100,9 +100,13 @@ def evaluate(
     ] = None,
     data_dir: Annotated[Path | None, typer.Option(help=DATA_DIR_HELP)] = None,
     device: DeviceOpt = "auto",
+    latency: Annotated[
+        bool, typer.Option(help="Also time CPU inference (batch 1 and 128) of the dense, shrunk "
+                           "and CSR-sparse forms.")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Print test accuracy, loss and per-layer sparsity of CHECKPOINT."""
+    """Print test accuracy, loss and per-layer sparsity of CHECKPOINT (.pt or .safetensors)."""
     from woodfisher.device import resolve_device
     from woodfisher.train import evaluate as evaluate_model
     from woodfisher.train import sparsity_report
@@ -125,6 +129,10 @@ def evaluate(
         "numel": report["numel"],
         "layers": report["layers"],
     }
+    if latency:
+        from woodfisher.cli.structured import latency_summary
+
+        out["latency"] = latency_summary(model.cpu(), info, splits)  # CPU timing by design
     if json_out:
         typer.echo(json.dumps(out))
         return
@@ -135,6 +143,10 @@ def evaluate(
         f"sparsity {report['sparsity']:.2%}"
     )
     console.print(_layer_table(report["layers"]))
+    if latency:
+        from woodfisher.cli.structured import latency_table
+
+        console.print(latency_table(out["latency"]))
 
 
 @app.command()

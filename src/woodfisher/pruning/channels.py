@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from woodfisher.pruning.patterns import matrix_shape
 
-__all__ = ["ChannelDeps", "dead_channels", "import_torch_pruning", "trace_channels"]
+__all__ = ["ChannelDeps", "baked_copy", "dead_channels", "import_torch_pruning", "trace_channels"]
 
 _PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -90,9 +90,21 @@ def _op_name(module: nn.Module) -> str:
     return type(module).__name__
 
 
-def _baked_copy(model: nn.Module) -> nn.Module:
+def baked_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with its masks baked in (``model`` itself is not changed).
+
+    A pruned module's ``weight`` attribute is ``weight_orig * weight_mask`` from the last forward
+    pass; after a forward with autograd on it is not a leaf and cannot be deep-copied, so it is
+    recomputed without autograd first.
+
+    Returns:
+        The copy, in eval mode.
+    """
+    from woodfisher.checkpoint import refresh_pruned_weights
     from woodfisher.pruning.masks import bake
 
+    with torch.no_grad():
+        refresh_pruned_weights(model)
     return bake(copy.deepcopy(model)).eval()
 
 
@@ -114,7 +126,7 @@ def trace_channels(
         ValueError: If torch-pruning is missing or the model fails on the inputs.
     """
     tp = import_torch_pruning()
-    net = model if baked else _baked_copy(model)
+    net = model if baked else baked_copy(model)
     try:
         graph = tp.DependencyGraph().build_dependency(net, example_inputs=example_inputs)
     except Exception as err:  # noqa: BLE001 - tracing failures are the user's model/input

@@ -225,7 +225,7 @@ def aligned_block_sizes(
 
     Example:
         >>> aligned_block_sizes(parse_pattern("2:4"), [(3, 8)], 10)
-        [12]
+        [8]
         >>> aligned_block_sizes(parse_pattern("block:2x2"), [(4, 6)], 10)
         [12]
     """
