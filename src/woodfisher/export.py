@@ -14,7 +14,7 @@ Three files, all plain tensor files (no pickle) with the model's spec in their m
 
 Example:
     >>> import tempfile, os
-    >>> from woodfisher.models import build_model
+    >>> from woodfisher.models import build_model, replace_modules
     >>> net = build_model("mlpnet-small", (1, 4, 4), 3)
     >>> with torch.no_grad():
     ...     net.fc1.weight[:, ::2] = 0
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from woodfisher.checkpoint import _atomic_write, _plain
-from woodfisher.models import build_model
+from woodfisher.models import build_model, replace_modules
 
 __all__ = [
     "FORMATS",
@@ -288,6 +288,7 @@ def load_export(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     spec = meta["model"]
     model = build_model(spec["name"], spec["input_shape"], spec["num_classes"],
                         **spec.get("kwargs", {}))
+    replace_modules(model, spec.get("modules", {}))
     raw = load_file(str(path))
     kind = meta.get("kind")
     if kind == "compressed":
