@@ -181,6 +181,13 @@ def test_capped_selection_never_exceeds_a_run():
 def test_select_groups_meets_need_with_least_overshoot():
     scores = torch.tensor([0.1, 0.2, 0.3, 0.4])
     cost = torch.tensor([1.0, 5.0, 1.0, 1.0])
+    # Group 1 would overshoot by 4; group 2 (next in order) fits exactly.
     chosen = select_groups(scores, cost, torch.tensor([True, True, True, False]), 2)
-    assert chosen.tolist() == [True, True, False, False]
+    assert chosen.tolist() == [True, False, True, False]
+    # Nothing fits the last 0.5: the best-scored remaining group closes the gap.
+    chosen = select_groups(scores, cost, torch.ones(4, dtype=torch.bool), 3.5)
+    assert chosen.tolist() == [True, True, True, True]
+    chosen = select_groups(scores, torch.tensor([1.0, 5.0, 1.0, 3.0]),
+                           torch.ones(4, dtype=torch.bool), 2.5)
+    assert chosen.tolist() == [True, True, True, False]
     assert not select_groups(scores, cost, torch.ones(4, dtype=torch.bool), 0).any()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,9 @@ def encode_tensor(t: Tensor, nm: tuple[int, int] | None = None) -> tuple[dict[st
     if kind == "bitmask":
         return {"mask": _pack(nonzero.reshape(-1), 1), "values": flat[nonzero]}, info
     if kind == "csr":
-        csr = flat.to_sparse_csr()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            csr = flat.to_sparse_csr()
         col_dtype = torch.int16 if cols < 2**15 else torch.int32
         return {"crow": csr.crow_indices().to(torch.int32),
                 "col": csr.col_indices().to(col_dtype), "values": csr.values()}, info

@@ -130,6 +130,7 @@ def latency_report(
     batch_sizes: tuple[int, ...] = (1, 128),
     seed: int = 0,
     min_time: float = 0.3,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Time the dense (baked), shrunk and CSR forms of ``model`` at several batch sizes.
 
@@ -140,10 +141,14 @@ def latency_report(
         batch_sizes: Batch sizes to time.
         seed: Seed of the random inputs.
         min_time: Seconds of timed calls per measurement (at least 5 calls).
+        threads: Intra-op threads to time with (default: torch's current setting). On a
+            shared, oversubscribed machine 1 thread is far steadier: a multi-threaded call
+            waits at every barrier for its slowest, descheduled thread.
 
     Returns:
         ``{"threads", "batch_sizes", "forms": {form: {batch: timing}}, "speedup": {form:
-        {batch: dense/form}}, "semi_structured": {"available", "reason"}}``.
+        {batch: dense/form median}}, "speedup_min": {... of the fastest calls},
+        "semi_structured": {"available", "reason"}}``.
     """
     dense = baked_copy(model)
     forms = {"dense": dense}
@@ -152,17 +157,27 @@ def latency_report(
     if any(isinstance(m, nn.Linear) and bool((m.weight == 0).any()) for m in dense.modules()):
         forms["csr"] = to_csr_linear(dense)
     g = torch.Generator().manual_seed(seed)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "batch_sizes": list(batch_sizes),
                            "forms": {}, "speedup": {}}
-    for b in batch_sizes:
-        x = torch.randn(b, *input_shape, generator=g)
-        for name, net in forms.items():
-            out["forms"].setdefault(name, {})[str(b)] = measure(net, x, min_time=min_time)
+    try:
+        for b in batch_sizes:
+            x = torch.randn(b, *input_shape, generator=g)
+            for name, net in forms.items():
+                out["forms"].setdefault(name, {})[str(b)] = measure(net, x, min_time=min_time)
+    finally:
+        torch.set_num_threads(before)
     for name in forms:
         out["speedup"][name] = {
             str(b): out["forms"]["dense"][str(b)]["median_ms"] / out["forms"][name][str(b)][
                 "median_ms"] for b in batch_sizes
         }
+    out["speedup_min"] = {
+        name: {str(b): out["forms"]["dense"][str(b)]["min_ms"] / out["forms"][name][str(b)][
+            "min_ms"] for b in batch_sizes} for name in forms
+    }
     ok, reason = semi_structured_support()
     out["semi_structured"] = {"available": ok, "reason": reason}
     return out

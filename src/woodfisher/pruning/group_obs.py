@@ -106,12 +106,15 @@ def select_groups(
 ) -> Tensor:
     """The lowest-scored eligible groups until their summed ``cost`` reaches ``need``.
 
-    Ties go to the lower index (stable sort). Groups come whole, so the sum may pass ``need``
-    by less than the last group's cost.
+    Groups are taken in score order (ties: lower index first) while they fit in what is still
+    needed; a group that would overshoot is passed over for the next ones that fit, and only
+    when nothing fits any more does the best-scored remaining group close the gap. Groups of
+    very different costs (a channel of a wide layer next to one of a narrow layer) thus land
+    close to ``need`` instead of a whole large group past it.
 
     Args:
         scores: (G,) lower goes first.
-        cost: (G,) what each group removes (weights or MACs).
+        cost: (G,) what each group removes (weights or MACs), > 0.
         eligible: (G,) bool.
         need: Amount to remove (<= 0: nothing).
 
@@ -125,6 +128,9 @@ def select_groups(
         >>> select_groups(torch.tensor([3., 1., 2.]), torch.tensor([2., 2., 2.]),
         ...               torch.tensor([True, True, True]), 3)
         tensor([False,  True,  True])
+        >>> select_groups(torch.tensor([1., 2., 3.]), torch.tensor([1., 5., 1.]),
+        ...               torch.tensor([True, True, True]), 2)
+        tensor([ True, False,  True])
     """
     out = torch.zeros_like(eligible, dtype=torch.bool)
     if need <= 0:
@@ -133,9 +139,25 @@ def select_groups(
     if torch.isnan(scores[idx]).any():
         raise ValueError("group scores contain NaN; the curvature estimate is probably degenerate")
     order = idx[torch.sort(scores[idx], stable=True).indices]
-    total = torch.cumsum(cost[order].double(), 0)
-    k = int(torch.searchsorted(total, torch.tensor(need, dtype=total.dtype) - 1e-9)) + 1
-    out[order[: min(k, order.numel())]] = True
+    c = cost[order].double()
+    left = torch.ones_like(c, dtype=torch.bool)
+    remaining = float(need)
+    tol = 1e-9 * max(abs(float(need)), 1.0)
+    for _ in range(64):
+        fits = left & (c <= remaining + tol)
+        if not fits.any():
+            break
+        pos = fits.nonzero().reshape(-1)
+        total = torch.cumsum(c[pos], 0)
+        take = pos[total <= remaining + tol]
+        out[order[take]] = True
+        left[take] = False
+        remaining -= float(c[take].sum())
+        if remaining <= tol:
+            return out
+    rest = left.nonzero().reshape(-1)
+    if rest.numel():
+        out[order[rest[0]]] = True
     return out
 
 

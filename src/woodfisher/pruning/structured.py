@@ -329,6 +329,48 @@ class StructuredPlan:
                 orig.mul_(getattr(mod, f"{pname}_mask"))
                 setattr(mod, pname, orig * getattr(mod, f"{pname}_mask"))
 
+    # -- other importance measures ---------------------------------------------------------
+    def select_by_scores(
+        self, scores: list[Tensor], modules: dict[str, nn.Module], target: float
+    ) -> Tensor:
+        """Groups to remove for externally given scores (one tensor per family), globally.
+
+        The same stopping rule as :meth:`step` (removed weights or MACs reach ``target``,
+        shared weights counted once), so other importance measures compare at equal cost.
+
+        Args:
+            scores: Per family, (G,) scores; lower goes first.
+            modules: The selected modules.
+            target: In the units of :meth:`progress`.
+
+        Returns:
+            (total groups,) bool, in family order.
+        """
+        present = flat_masks(modules)
+        eligible = torch.cat([present[f.members()].any(1) for f in self.families])
+        return self._global_select(torch.cat(scores).double(), eligible, present, target)
+
+    def remove_groups(self, modules: dict[str, nn.Module], chosen: Tensor) -> None:
+        """Zero the chosen groups (weights, bias and BatchNorm entries), without any update.
+
+        Args:
+            modules: The selected modules.
+            chosen: (total groups,) bool, as from :meth:`select_by_scores`.
+        """
+        zero = ~flat_masks(modules)
+        start = 0
+        picks = []
+        for fam in self.families:
+            n = fam.obs.shape[0]
+            pick = chosen[start : start + n]
+            start += n
+            zero[fam.members()[pick].reshape(-1)] = True
+            picks.append(pick)
+        apply_masks(None, modules, compute_masks(modules, ~zero))
+        for fam, pick in zip(self.families, picks, strict=True):
+            if fam.channel_params and pick.any():
+                self._mask_channel_params(fam, pick.nonzero().reshape(-1))
+
     # -- report ----------------------------------------------------------------------------
     def report(self, modules: dict[str, nn.Module]) -> dict[str, object]:
         """What the pattern did: groups removed per layer, compensation, MACs.
