@@ -127,6 +127,7 @@ class StructuredPlan:
             or of the selected weights.
         """
         present = flat_masks(modules)
+        self._to(present.device)
         if self.target == "flops":
             removed = float((self.macs_per_weight * (~present)).sum())
             return removed / self.total_macs if self.total_macs else 0.0
@@ -142,6 +143,7 @@ class StructuredPlan:
         t0 = time.perf_counter()
         w = flat_weights(modules)
         present = flat_masks(modules)
+        self._to(w.device)
         inv, grad = curv.inv, curv.mean_grad
         inv_grad = inv.mul(grad.to(inv.dtype)) if grad is not None else None
         shift = inv_grad if method.needs_mean_grad else None
@@ -197,6 +199,15 @@ class StructuredPlan:
             "selection": t_select,
             "update_time": time.perf_counter() - t0,
         }
+
+    def _to(self, device: torch.device) -> None:
+        """Keep the index tensors where the weights are (the model's device)."""
+        for fam in self.families:
+            fam.obs, fam.dead = fam.obs.to(device), fam.dead.to(device)
+        if self.nm_index is not None:
+            self.nm_index = self.nm_index.to(device)
+        if self.macs_per_weight is not None:
+            self.macs_per_weight = self.macs_per_weight.to(device)
 
     def _costs(self, members: Tensor, alive: Tensor) -> Tensor:
         if self.target == "flops":
