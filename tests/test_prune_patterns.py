@@ -144,3 +144,26 @@ def test_bad_input_is_one_line_and_leaves_model_untouched(kwargs, fragment):
     assert "\n" not in str(err.value)
     assert set(net.state_dict()) == set(state)
     assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
+
+
+def test_gradual_keeps_the_nm_pattern_at_every_step():
+    from woodfisher.data import synthetic
+    from woodfisher.gradual import GradualConfig, gradual
+
+    ds = synthetic(n=128, input_shape=(1, 8, 8), num_classes=3)
+    torch.manual_seed(0)
+    net = build_model("mlpnet-small", (1, 8, 8), 3)  # inputs 64, 40, 20: all fit 2:4
+    seen = []
+
+    def check(history):
+        zeros = [(effective_weight(m) == 0).reshape(-1, 4).sum(1) for m in
+                 (net.fc1, net.fc2, net.fc3)]
+        seen.append(max(int(z.max()) for z in zeros))
+        assert seen[-1] <= 2  # no run ever passes M - N zeros
+
+    cfg = GradualConfig(final_sparsity=0.5, initial_sparsity=0.25, epochs=3, method="magnitude",
+                        lr=0.05, prune_options={"pattern": "2:4"})
+    res = gradual(net, ds, cfg, progress=False, callback=check)
+    assert [round(r["sparsity"], 2) for r in res.history][-1] == 0.5
+    for m in (net.fc1, net.fc2, net.fc3):
+        assert ((effective_weight(m) != 0).reshape(-1, 4).sum(1) == 2).all()
