@@ -205,11 +205,47 @@ def size_and_speed(name, model, info, pruned, example, input_shape, min_time) ->
     return out
 
 
+def tables(result: dict) -> str:
+    """Markdown tables of a result JSON (what docs/structured.md shows)."""
+    lines = ["| model | method | 2:4 test accuracy (%) | dense (%) | change |",
+             "|---|---|---|---|---|"]
+    for r in result["nm"]:
+        lines.append(f"| {r['model']} | {r['method']} | {100 * r['accuracy']:.2f} | "
+                     f"{100 * r['dense']:.2f} | {100 * (r['accuracy'] - r['dense']):+.2f} |")
+    if result.get("channels"):
+        ep = result["options"]["finetune_epochs"]
+        n = result["options"]["finetune_samples"]
+        lines += ["", f"| model | method | MACs removed | one-shot (%) | +{ep} epochs on {n} "
+                  "training samples (%) | dense (%) |", "|---|---|---|---|---|---|"]
+        for r in result["channels"]:
+            lines.append(f"| {r['model']} | {r['method']} | {100 * r['flops_removed']:.1f} % | "
+                         f"{100 * r['one_shot']:.2f} | {100 * r['fine_tuned']:.2f} | "
+                         f"{100 * r['dense']:.2f} |")
+    lines += ["", "| model | form | MACs | bytes on disk | batch 1 ms (speed-up) | "
+              "batch 128 ms (speed-up) |", "|---|---|---|---|---|---|"]
+    for sp in result["speed"]:
+        lat = sp["latency"]
+        for form, rows in lat["forms"].items():
+            macs = sp["macs"] if form == "dense" else sp["macs_after"]
+            size = sp["bytes"].get("shrunk" if form == "shrunk" else "compressed"
+                                   if form == "csr" else "dense", "")
+            cells = [f"{rows[b]['median_ms']:.3f} ({lat['speedup'][form][b]:.2f}x)"
+                     for b in ("1", "128")]
+            lines.append(f"| {sp['model']} | {form} | {macs} | {size} | {cells[0]} | "
+                         f"{cells[1]} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small samples, minutes not half hours")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--table", type=Path, default=None,
+                    help="print the markdown tables of an existing result JSON and exit")
     args = ap.parse_args()
+    if args.table is not None:
+        print(tables(json.loads(args.table.read_text())))
+        return
     quick = args.quick
     args.num_grads = 64 if quick else 256
     args.test_samples = 2000 if quick else None
