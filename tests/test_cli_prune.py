@@ -1,4 +1,4 @@
-"""The prune, compare and analyze-hessian commands, end to end on digits."""
+"""The prune and compare commands, end to end on digits."""
 
 from __future__ import annotations
 
@@ -109,14 +109,3 @@ def test_compare_bad_sparsities_exit_2(ckpt, tmp_path):
          "--sparsities")
     _bad(["compare", str(ckpt), "--sparsities", "1.5", "--out", str(tmp_path / "c.json")],
          "sparsity")
-
-
-def test_analyze_hessian_cli_writes_png_and_rows(tmp_path):
-    out = tmp_path / "h.png"
-    rows = json.loads(_ok(["analyze-hessian", "--out", str(out), "--json"]).stdout)
-    assert out.stat().st_size > 1000
-    by_name = {r["estimator"]: r for r in rows}
-    assert by_name["exact Hessian (check)"]["rel_frobenius"] < 1e-10
-    names = " ".join(by_name)
-    assert "WoodFisher" in names or "woodfisher" in names
-    _bad(["analyze-hessian", "--out", str(tmp_path / "no" / "h.png")], "does not exist")

@@ -72,7 +72,7 @@ RESUME_FORMAT = "woodfisher-gradual-v1"
 # prune() options a config may carry; seed, loss_fn and progress are set by gradual() itself.
 PRUNE_OPTIONS = (
     "layers", "skip", "scope", "layer_sparsity", "update", "num_grads", "samples_per_grad",
-    "block_size", "damp", "relative_damp", "recompute", "pattern", "target",
+    "block_size", "damp", "relative_damp", "recompute", "pattern", "target", "taylor",
 )
 
 # The relative damp of the block-wise empirical Fisher pruners (woodfisher, woodtaylor) inside
@@ -300,6 +300,13 @@ def _prune_sample_count(config: GradualConfig) -> int:
     n = int(opts.get("num_grads") or DEFAULTS["num_grads"]) * int(
         opts.get("samples_per_grad") or DEFAULTS["samples_per_grad"]
     )
+    if get_method(config.method).newton == "safe":
+        # WoodTaylor's Newton scale is chosen on held-out samples after those of ḡ and F.
+        from woodfisher.pruning.woodtaylor import check_taylor
+
+        taylor = check_taylor(opts.get("taylor"))
+        if taylor["scale"] == "auto":
+            n = max(n, taylor["grad_samples"] or 0) + int(DEFAULTS["val_samples"])
     return 2 * n if opts.get("damp") == "auto" else n
 
 
@@ -444,6 +451,8 @@ def gradual(
             row["prune_seconds"] = time.perf_counter() - t0
             row["predicted_increase"] = result.predicted_increase
             row["damp"], row["relative_damp"] = result.damp, result.relative_damp
+            if result.taylor is not None:
+                row["newton_scales"] = result.taylor["scales"]
         sparsity = _pruned_fraction(modules)
         torch.manual_seed(_seed(config.seed, epoch, "torch"))  # dropout and friends
         t0 = time.perf_counter()

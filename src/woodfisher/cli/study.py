@@ -1,4 +1,4 @@
-"""``analyze-hessian``: the curvature study on a small network."""
+"""``analyze-hessian``: the curvature study on a small network (or a layer of your model)."""
 
 from __future__ import annotations
 
@@ -8,27 +8,103 @@ from typing import Annotated
 
 import typer
 
-from woodfisher.cli.common import _stdout, app, user_errors
+from woodfisher.cli.common import (
+    DataDir,
+    JsonOut,
+    Quiet,
+    Seed,
+    _checkpoint_and_data,
+    _stderr_log,
+    _stdout,
+    app,
+    user_errors,
+)
+
+
+def _parse_ints(text: str, what: str, allow_full: bool = False) -> list[int | None]:
+    out: list[int | None] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if allow_full and part == "full":
+            out.append(None)
+            continue
+        try:
+            value = int(part)
+        except ValueError:
+            value = 0
+        if value < 1:
+            extra = " or 'full'" if allow_full else ""
+            raise ValueError(f"{what} must be comma-separated positive integers{extra}, "
+                             f"got {text!r}")
+        out.append(value)
+    if not out:
+        raise ValueError(f"{what} is empty; give at least one value")
+    return out
 
 
 @app.command("analyze-hessian")
 @user_errors
 def analyze_hessian(
-    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("hessian-study.png"),
-    damp: Annotated[float, typer.Option(help="Dampening added to every estimate.")] = 1e-3,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+    out: Annotated[Path, typer.Option(
+        help="Directory for the figures (error_vs_m, heatmaps, fidelity, ihvp PNGs) and "
+             "study.json.")] = Path("hessian-study"),
+    model: Annotated[Path | None, typer.Option(
+        "--model", help="A checkpoint of `woodfisher train` to study (its dataset's training "
+                        "split gives the samples); default: a 64-40-20-10 MLP trained briefly "
+                        "on digits.")] = None,
+    layer: Annotated[str | None, typer.Option(
+        help="Layer to study: module name or index among the Linear/Conv layers (0 = first); "
+             "default the second. At most 4000 weights (the exact Hessian is d²).")] = None,
+    num_grads: Annotated[str, typer.Option(
+        help="Comma-separated numbers of gradients m for WoodFisher.")] = "10,30,100,300,1000",
+    block_sizes: Annotated[str, typer.Option(
+        help="Comma-separated WoodFisher block sizes; 'full' for one block.")] = "full,50,20",
+    samples: Annotated[int, typer.Option(
+        help="Samples N for the loss, Hessian and Fisher.")] = 1000,
+    damp: Annotated[float, typer.Option(help="Dampening λ added to every estimate.")] = 1e-3,
+    seed: Seed = 0,
+    data_dir: DataDir = None,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
 ) -> None:
-    """Compare WoodFisher, diagonal Fisher and K-FAC with the exact Hessian of a small MLP."""
-    from woodfisher.checkpoint import check_writable
+    """Compare WoodFisher, diagonal Fisher and K-FAC with the exact Hessian of one layer.
+
+    Writes four figures and study.json into OUT and prints the table (or, with --json, the
+    whole result as one JSON object).
+    """
+    from woodfisher.checkpoint import atomic_save_json, check_writable
     from woodfisher.fisher.study import analyze_hessian as run_study
-    from woodfisher.fisher.study import print_hessian_table
+    from woodfisher.fisher.study_plots import print_hessian_table, write_figures
 
-    check_writable(out)
-    rows = run_study(out_png=out, seed=seed, damp=damp)
+    if out.suffix.lower() == ".png":
+        raise ValueError(
+            f"--out {out} looks like a PNG file; it is a directory now (four figures and "
+            f"study.json go into it): use e.g. --out {out.with_suffix('')}"
+        )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory; pick another path")
+    ms = _parse_ints(num_grads, "--num-grads")
+    blocks = _parse_ints(block_sizes, "--block-sizes", allow_full=True)
+    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out / "study.json")
+    log = _stderr_log(quiet)
+    net, data = None, None
+    if model is not None:
+        import torch
+
+        net, _, splits = _checkpoint_and_data(model, None, data_dir)
+        X, Y = splits.train.tensors[:2]
+        net, data = net.double(), (X.double(), Y)
+        torch.manual_seed(seed)
+    result = run_study(net, data, layer=layer, num_grads=ms, block_sizes=blocks,
+                       num_samples=samples, damp=damp, seed=seed, log=log)
+    if model is not None:
+        result["setup"]["model"] = str(model)
+    paths = write_figures(result, out)
+    atomic_save_json(result, out / "study.json")
     if json_out:
-        typer.echo(json.dumps(rows))
+        typer.echo(json.dumps(result))
         return
-    print_hessian_table(rows, console=_stdout())
-    _stdout().print(f"wrote {out}")
-
+    print_hessian_table(result, console=_stdout())
+    _stdout().print("wrote " + ", ".join(str(p) for p in [*paths.values(), out / "study.json"]))

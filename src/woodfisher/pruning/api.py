@@ -11,7 +11,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +27,12 @@ from woodfisher.params import (
     weight_param,
 )
 from woodfisher.pruning import obs
+from woodfisher.pruning import woodtaylor as wt
 from woodfisher.pruning.masks import _Snapshot, apply_masks, compute_masks
 from woodfisher.pruning.methods import (
     DEFAULTS,
     Method,
+    _woodtaylor,
     get_method,
     resolve_update,
 )
@@ -99,6 +101,8 @@ class PruneResult:
         target: ``"params"`` or ``"flops"`` (what ``sparsity`` counted).
         structure: For patterns and FLOP targets: groups removed per layer, skipped layers,
             what compensated for removed channels, MACs removed; None otherwise.
+        taylor: For ``method="woodtaylor"``: its options, the Newton scale of each step and
+            the held-out loss of every scale tried (see :mod:`woodfisher.pruning.woodtaylor`).
     """
 
     method: str
@@ -118,6 +122,7 @@ class PruneResult:
     pattern: str = "unstructured"
     target: str = "params"
     structure: dict[str, object] | None = None
+    taylor: dict[str, object] | None = None
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-serialisable dict of the report.
@@ -249,6 +254,7 @@ def _step(
     scope: str,
     layer_sparsity: Mapping[str, float] | None,
     update: str,
+    taylor: wt.TaylorStep | None = None,
 ) -> dict[str, object]:
     """One prune step to ``target``: score, select, update, then apply. Returns its stats."""
     t0 = time.perf_counter()
@@ -256,29 +262,48 @@ def _step(
     present = flat_masks(modules)
     inv, grad = curv.inv, curv.mean_grad
     inv_diag = inv.diag() if inv is not None else None
-    inv_grad = inv.mul(grad.to(inv.dtype)) if grad is not None else None
-    scores = method.saliency(w, inv, inv_diag, grad, inv_grad)
+    saliency = method.saliency
+    if taylor is not None and taylor.options["saliency"]:
+        saliency = _woodtaylor
+    taylor_saliency = saliency is _woodtaylor
+    inv_grad = inv.mul(grad.to(inv.dtype)) if taylor_saliency else None
+    scores = saliency(w, inv, inv_diag, grad if taylor_saliency else None, inv_grad)
     remove = select_by_sparsity(scores, present, layout, target, scope, layer_sparsity)
     t_select = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     used = update
+    zero = remove | ~present
+    step_grad = grad if method.newton == "paper" else None
     if update == "none" or inv is None:
         delta = -torch.where(remove, w, torch.zeros_like(w))
+    elif taylor is not None:
+        try:
+            base, newton = wt.split_update(update, w, remove, present, inv, grad, inv_diag)
+        except NotImplementedError:
+            used = "independent"
+            base, newton = wt.split_update(used, w, remove, present, inv, grad, inv_diag)
+        alpha = taylor.options["scale"]
+        if taylor.search is not None:
+            alpha = taylor.search.choose(
+                taylor.model, modules, layout,
+                lambda a: obs.finish_update(w, base + a * newton, zero),
+            )
+        taylor.scales.append(float(alpha))
+        delta = base + alpha * newton
     elif update == "independent":
-        delta = obs.independent_update(w, remove, inv, grad, inv_diag)
+        delta = obs.independent_update(w, remove, inv, step_grad, inv_diag)
     else:
         try:
-            delta = obs.joint_update(w, remove, inv, grad, ~present)
+            delta = obs.joint_update(w, remove, inv, step_grad, ~present)
         except NotImplementedError:
             # K-FAC may not offer exact constrained steps for big layers.
             used = "independent"
-            delta = obs.independent_update(w, remove, inv, grad, inv_diag)
-    zero = remove | ~present
+            delta = obs.independent_update(w, remove, inv, step_grad, inv_diag)
     new_w = obs.finish_update(w, delta, zero)
     applied = (new_w - w).to(delta.dtype)
     sal = scores[remove].double()
-    if method.needs_mean_grad:
+    if taylor_saliency:
         # ρ includes the constant -½ḡᵀF⁻¹ḡ; count it once, not once per weight.
         const = -0.5 * float(torch.dot(grad.double(), inv_grad.double()))
         saliency_sum = float((sal - const).sum()) + const
@@ -375,6 +400,7 @@ def prune(
     recompute: int | str = DEFAULTS["recompute"],
     seed: int = 0,
     val_data: Iterable | None = None,
+    taylor: Mapping[str, object] | None = None,
     progress: bool = False,
 ) -> PruneResult:
     """Prune ``model`` in place to ``sparsity`` over the selected weights.
@@ -426,7 +452,14 @@ def prune(
             more than ``DEFAULTS["max_step_removed"]`` of the remaining weights (1 for
             magnitude).
         seed: Seed for gradient sampling; recorded in the result.
-        val_data: Held-out batches for ``damp="auto"``.
+        val_data: Held-out batches for ``damp="auto"`` and for the Newton scale of
+            ``"woodtaylor"``.
+        taylor: Options of ``method="woodtaylor"`` (see
+            :data:`~woodfisher.pruning.woodtaylor.TAYLOR_DEFAULTS`): ``scale`` (``"auto"``:
+            chosen per step from ``grid`` by the loss on held-out samples, ``val_data`` or the
+            samples of ``data`` after those used for gradients; or a number in [0, 2]),
+            ``grid``, ``grad_samples`` (samples for ``ḡ``; None: the Fisher's ``m``),
+            ``saliency`` (first-order term in the ranking too).
         progress: Show progress bars.
 
     Returns:
@@ -435,7 +468,8 @@ def prune(
     Raises:
         ValueError: On bad input (sparsity outside [0, 1) or below the current one, unknown
             method/scope/update/layer, no prunable modules, data that does not fit the model, a
-            non-finite loss). The model is then left exactly as it was.
+            non-finite loss, bad ``taylor`` options or no held-out samples for them). The model
+            is then left exactly as it was.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3))
@@ -513,6 +547,12 @@ def prune(
                 "relative_damp is relative to the empirical Fisher's diagonal, which K-FAC does "
                 "not build; give kfac an absolute damp"
             )
+    if taylor is not None and meth.newton != "safe":
+        raise ValueError(
+            f"taylor options are for method='woodtaylor', not {method!r}; drop taylor= or "
+            "choose woodtaylor"
+        )
+    taylor_opts = wt.check_taylor(taylor) if meth.newton == "safe" else None
     modules = select_modules(model, layers, skip)
     layout = Layout.of(modules)
     if layer_sparsity:
@@ -531,6 +571,7 @@ def prune(
         "relative_damp": DEFAULTS["relative_damp"] if relative_damp is None else relative_damp,
         "seed": seed,
         "progress": progress,
+        "taylor": taylor_opts,
     }
     public = {
         "sparsity": sparsity,
@@ -551,6 +592,8 @@ def prune(
         "schedule": DEFAULTS["schedule"],
         "pattern": str(pat),
         "target": target,
+        "taylor": None if taylor_opts is None else {**taylor_opts,
+                                                    "grid": list(taylor_opts["grid"])},
     }
     if target not in ("params", "flops"):
         raise ValueError(f"unknown target {target!r}; choose from ['params', 'flops']")
@@ -560,6 +603,18 @@ def prune(
     model.eval()
     try:
         check_data(model, data, loss_fn)
+        if taylor_opts is not None and taylor_opts["scale"] == "auto":
+            used = max(num_grads * samples_per_grad, taylor_opts["grad_samples"] or 0)
+            options["taylor_val"] = (
+                list(val_data) if val_data is not None
+                else _held_out(data, used, DEFAULTS["val_samples"])
+            )
+            if not options["taylor_val"]:
+                raise ValueError(
+                    "woodtaylor chooses its Newton scale on held-out samples, but data has none "
+                    f"after the {used} used for the Fisher and the gradient: pass val_data, more "
+                    "data, or taylor={'scale': 0.0} (WoodFisher's step)"
+                )
         example = example_inputs if example_inputs is not None else _first(iter(data))[0]
 
         def plan_for(net, mods):
@@ -649,6 +704,7 @@ def prune(
         pattern=str(pat),
         target=target,
         structure=plan.report(modules) if plan is not None else None,
+        taylor=stats.get("taylor"),
     )
 
 
@@ -691,15 +747,38 @@ def _run(
         "relative_damp": None,
         "times": times,
     }
+    taylor = None
+    if options.get("taylor") is not None:
+        opts = options["taylor"]
+        search = None
+        if opts["scale"] == "auto":
+            search = wt.ScaleSearch(options["taylor_val"], options["loss_fn"] or F.cross_entropy,
+                                    opts["grid"])
+        taylor = wt.TaylorStep(opts, model, search)
     for step, target in enumerate(targets):
         overrides = {name: sched[step] for name, sched in per_layer.items()} or None
         curv = build_inverse(meth, model, data, modules, options)
         for k, v in curv.times.items():
             times[k] += v
+        if taylor is not None and taylor.options["grad_samples"] is not None:
+            from woodfisher.curvature import mean_gradient
+
+            t0 = time.perf_counter()
+            curv.mean_grad = mean_gradient(
+                model, data, options["loss_fn"], params=modules,
+                max_samples=taylor.options["grad_samples"],
+            ).to(curv.inv.dtype)
+            times["gradients"] += time.perf_counter() - t0
         if plan is None:
-            st = _step(modules, layout, meth, curv, target, scope, overrides, upd)
+            st = _step(modules, layout, meth, curv, target, scope, overrides, upd, taylor)
         else:
-            st = plan.step(modules, layout, meth, curv, target, scope, upd)
+            if taylor is not None:
+                # Patterns apply WoodFisher's step (α = 0): the structured plan selects, updates
+                # and applies in one go, with no place for the held-out scale search.
+                curv = replace(curv, mean_grad=None)
+                taylor.scales.append(0.0)
+            st = plan.step(modules, layout, replace(meth, needs_mean_grad=False)
+                           if taylor is not None else meth, curv, target, scope, upd)
         times["selection"] += st["selection"]
         times["update"] += st["update_time"]
         if st["update"] != upd:
@@ -711,4 +790,6 @@ def _run(
         )
         out["steps"].append(progress())
         out["damp"], out["relative_damp"] = curv.damp, curv.relative_damp
+    if taylor is not None:
+        out["taylor"] = taylor.report()
     return out

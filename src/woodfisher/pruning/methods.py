@@ -63,6 +63,9 @@ class Method:
         needs_mean_grad: Whether the first-order term ``ḡ`` enters (WoodTaylor).
         default_update: The update used when ``update=None``.
         updates: The update rules this method allows.
+        newton: How ``ḡ`` enters: None (it does not), ``"paper"`` (in the saliency and the
+            full constrained step, as the paper) or ``"safe"`` (WoodFisher's mask plus a
+            Newton part scaled on held-out samples, see :mod:`woodfisher.pruning.woodtaylor`).
     """
 
     name: str
@@ -71,6 +74,7 @@ class Method:
     needs_mean_grad: bool
     default_update: str
     updates: tuple[str, ...] = UPDATES
+    newton: str | None = None
 
 
 def _magnitude(w: Tensor, inv: InverseCurvature | None, inv_diag, grad, inv_grad) -> Tensor:
@@ -98,7 +102,11 @@ METHODS: dict[str, Method] = {
     "diag-fisher": Method("diag-fisher", "diagonal", _obs, False, "independent"),
     "kfac": Method("kfac", "kfac", _obs, False, "independent"),
     "woodfisher": Method("woodfisher", "woodfisher", _obs, False, "joint"),
-    "woodtaylor": Method("woodtaylor", "woodfisher", _woodtaylor, True, "joint"),
+    # The paper's WoodTaylor (first-order term in the saliency and the step), a baseline; and
+    # the safe one (WoodFisher's mask, Newton part scaled by held-out loss, 0 = WoodFisher).
+    "woodtaylor-paper": Method("woodtaylor-paper", "woodfisher", _woodtaylor, True, "joint",
+                               newton="paper"),
+    "woodtaylor": Method("woodtaylor", "woodfisher", _obs, True, "joint", newton="safe"),
 }
 
 
