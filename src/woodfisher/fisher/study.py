@@ -8,8 +8,9 @@ and is compared with ``(H + λI)⁻¹``:
 - **IHVPs**: cosine and relative error of ``F̂⁻¹v`` against ``(H + λI)⁻¹v`` for random ``v``
   and for the exact Newton direction ``(H + λI)⁻¹∇L``, and the loss decrease along each
   direction ``−F̂⁻¹∇L`` (at step 1 and at the best step of a grid);
-- **the quadratic model**: predicted against actual loss increase of OBS pruning with each
-  estimate, for single weights and for sets of weights at several sparsities.
+- **the quadratic model**: predicted (``∇Lᵀδ + ½δᵀF̂δ``) against actual loss change of OBS
+  pruning with each estimate, for single weights and for sets of weights at several
+  sparsities.
 
 WoodFisher is swept over the number of gradients ``m`` and the block size; the exact empirical
 Fisher over all ``N`` samples, the diagonal Fisher and K-FAC are the references. By default the
@@ -171,28 +172,37 @@ def _ihvp_metrics(est: InverseCurvature, Hinv: Tensor, R: Tensor) -> dict[str, f
 
 
 def _fidelity(
-    est: InverseCurvature, w: Tensor, loss: _LossAt, singles: Tensor, sparsities: Sequence[float]
-) -> dict[str, list[float]]:
-    """Predicted vs actual loss increase of OBS pruning with ``est``."""
+    est: InverseCurvature, w: Tensor, grad: Tensor, loss: _LossAt, singles: Tensor,
+    sparsities: Sequence[float],
+) -> dict[str, list]:
+    """Predicted vs actual loss change of OBS pruning with ``est``.
+
+    The prediction is the local quadratic model ``∇Lᵀδ + ½δᵀF̂δ`` of the step ``δ`` with the
+    exact gradient, so that only the curvature differs between estimates (the model need not
+    sit at a minimum); ``obs`` keeps ``½δᵀF̂δ`` alone, OBS's own prediction at a minimum.
+    """
     base = loss(w)
     cols = est.columns(singles)  # (d, n)
     diag_q = cols[singles, torch.arange(singles.numel())]
-    predicted, actual, kind = [], [], []
+    deltas, kind = [], []
     for j, q in enumerate(singles.tolist()):
-        delta = -(w[q] / diag_q[j]) * cols[:, j]
-        predicted.append(float(w[q] ** 2 / (2 * diag_q[j])))
-        actual.append(loss(w + delta) - base)
+        deltas.append(-(w[q] / diag_q[j]) * cols[:, j])
         kind.append("single")
     saliency = w * w / (2 * est.diag())
     order = torch.argsort(saliency)
     for s in sparsities:
         remove = torch.zeros_like(w, dtype=torch.bool)
         remove[order[: round(s * w.numel())]] = True
-        delta = est.constrained_min(remove, -w)
-        predicted.append(float(0.5 * torch.dot(delta, est.fmul(delta))))
-        actual.append(loss(w + delta) - base)
+        deltas.append(est.constrained_min(remove, -w))
         kind.append(f"{s:g}")
-    return {"predicted": predicted, "actual": actual, "kind": kind}
+    D = torch.stack(deltas, dim=1)  # (d, n)
+    curvature = 0.5 * (D * est.fmul(D)).sum(0)
+    return {
+        "predicted": (grad @ D + curvature).tolist(),
+        "actual": [loss(w + D[:, j]) - base for j in range(D.shape[1])],
+        "obs": curvature.tolist(),
+        "kind": kind,
+    }
 
 
 def _rank_corr(a: Sequence[float], b: Sequence[float]) -> float:
@@ -260,7 +270,7 @@ def analyze_hessian(
         ``num_grads``, ``block_size``, ``rel_frobenius``, ``ihvp_rel_err_random``,
         ``ihvp_cos_random``, ``newton_cos``, ``newton_rel_err``, ``loss_decrease_unit``,
         ``loss_decrease_best``, ``best_step``, ``seconds``), ``windows`` (label → the window of
-        the inverse) and ``fidelity`` (label → predicted, actual, kind, spearman).
+        the inverse) and ``fidelity`` (label → predicted, actual, obs, kind, spearman).
 
     Raises:
         ValueError: On a model without data, a bad ``num_samples`` or layer.
@@ -348,7 +358,7 @@ def analyze_hessian(
         if lab in shown:
             k = min(window, d)
             windows[lab] = est.columns(torch.arange(k))[:k].tolist()
-            fid = _fidelity(est, w, loss, singles, sparsities)
+            fid = _fidelity(est, w, grad, loss, singles, sparsities)
             fid["spearman"] = _rank_corr(fid["predicted"], fid["actual"])
             fidelity[lab] = fid
     gd = {"estimator": "gradient (no curvature)", "num_grads": None, "block_size": None,

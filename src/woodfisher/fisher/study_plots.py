@@ -106,35 +106,60 @@ def heatmap_figure(result: dict):
     names = ["exact Hessian (check)"] + [n for n in windows if n != "exact Hessian (check)"]
     names = [n for n in names if n in windows]
     exact = np.asarray(windows["exact Hessian (check)"])
-    # The diagonal dominates; a scale at the 98th percentile of |exact| shows the off-diagonal
-    # structure, and the saturated diagonal is still visible as a line.
-    vmax = float(np.percentile(np.abs(exact), 98)) or 1.0
-    norm = Normalize(-vmax, vmax)
-    cols = 3
-    nrows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(7.5, 2.7 * nrows + 0.4), squeeze=False)
+    # The diagonal is far larger than the rest; a scale at the 99th percentile of the exact
+    # off-diagonal entries shows the block and Kronecker structure, and the saturated diagonal
+    # still reads as a line.
+    off = np.abs(exact[~np.eye(len(exact), dtype=bool)])
+    vmax = float(np.percentile(off, 99)) if off.size else 1.0
+    norm = Normalize(-(vmax or 1.0), vmax or 1.0)
+    fig, axes = plt.subplots(2, 3, figsize=(7.5, 5.4), layout="constrained")
     rows = _by_estimator(result)
     im = None
     for ax, name in zip(axes.flat, names, strict=False):
         im = ax.imshow(np.asarray(windows[name]), cmap="RdBu_r", norm=norm,
                        interpolation="nearest")
-        title = "exact (H+λI)⁻¹" if name == "exact Hessian (check)" else name
-        if name != "exact Hessian (check)":
-            title += f"\nerror {rows[name]['rel_frobenius']:.2f}"
+        if name == "exact Hessian (check)":
+            title = "exact (H+λI)⁻¹"
+        else:
+            title = name.replace("WoodFisher ", "WoodFisher\n")
+            title += f", error {rows[name]['rel_frobenius']:.2f}"
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="entry of the inverse")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.7, extend="both",
+                 label="entry (diagonal saturates)")
     k = result["setup"]["window"]
-    fig.suptitle(f"top-left {k}×{k} window of each inverse (layer {result['setup']['layer']})",
-                 fontsize=10)
+    fig.suptitle(f"top-left {k}×{k} of each inverse, one colour scale (layer "
+                 f"{result['setup']['layer']}, error = relative Frobenius error)", fontsize=10)
     return fig
 
 
+def _symlog(ax, values) -> None:
+    """Symmetric log axes with a linear band just below the smallest typical magnitude."""
+    import numpy as np
+    from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, SymmetricalLogLocator
+
+    mags = np.abs(np.asarray(values, dtype=float))
+    mags = mags[mags > 0]
+    thresh = 10.0 ** np.floor(np.log10(np.percentile(mags, 10))) if mags.size else 1e-6
+    for axis, set_scale in ((ax.xaxis, ax.set_xscale), (ax.yaxis, ax.set_yscale)):
+        set_scale("symlog", linthresh=thresh)
+        axis.set_major_locator(SymmetricalLogLocator(base=100, linthresh=thresh))
+        sci = LogFormatterSciNotation(labelOnlyBase=False)
+
+        def label(x, pos, sci=sci):
+            # ±thresh and 0 sit a hair apart on the axis; label 0 only.
+            if x == 0:
+                return "0"
+            return "" if abs(x) <= thresh * 1.01 else ("−" if x < 0 else "") + sci(abs(x), pos)
+
+        axis.set_major_formatter(FuncFormatter(label))
+
+
 def fidelity_figure(result: dict):
-    """Predicted vs actual loss increase of OBS pruning with each estimate.
+    """Predicted vs actual loss change of OBS pruning with each estimate.
 
     Returns:
         The matplotlib figure.
@@ -143,39 +168,32 @@ def fidelity_figure(result: dict):
 
     plt = _plt()
     fid = result["fidelity"]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.4))
     colors = {"K-FAC": "tab:red", "diagonal Fisher": "tab:purple",
               "exact Hessian (check)": "black"}
     palette = iter(BLOCK_COLORS)
-    values = []
+    values: list[float] = []
     for name, f in fid.items():
         color = colors.get(name) or next(palette)
         pred, act = np.asarray(f["predicted"]), np.asarray(f["actual"])
         single = np.asarray([k == "single" for k in f["kind"]])
         shown = "exact Hessian" if name == "exact Hessian (check)" else name
-        axes[0].scatter(pred[single], act[single], s=12, color=color, alpha=0.7,
+        axes[0].scatter(pred[single], act[single], s=14, color=color, alpha=0.7,
                         label=f"{shown} (ρ={f['spearman']:.2f})")
         axes[1].plot(pred[~single], act[~single], "o-", color=color, markersize=5, label=shown)
-        values += [pred, act]
-    allv = np.concatenate(values) if values else np.ones(1)
-    positive = allv[allv > 0]
-    thresh = float(positive.min()) if positive.size else 1e-6
-    for ax, title in zip(axes, ("single weights", "sets (layer sparsity "
-                                + ", ".join(f"{s:g}" for s in result["setup"]["sparsities"])
-                                + ")"), strict=True):
-        lo, hi = ax.get_xlim()
-        lim = max(abs(lo), abs(hi), *ax.get_ylim())
-        ax.plot([0, lim], [0, lim], color="0.5", linewidth=1, label="predicted = actual")
-        ax.set_xscale("symlog", linthresh=thresh)
-        ax.set_yscale("symlog", linthresh=thresh)
-        ax.set_xlabel("predicted loss increase (quadratic model)")
+        values += [*pred, *act]
+    sets = ", ".join(f"{s:g}" for s in result["setup"]["sparsities"])
+    for ax, title in zip(axes, ("single weights", f"sets: layer sparsity {sets}"), strict=True):
+        ax.axline((0, 0), slope=1, color="0.5", linewidth=1, label="predicted = actual")
+        _symlog(ax, values)
+        ax.set_xlabel("predicted change ∇Lᵀδ + ½δᵀF̂δ")
         ax.set_title(title, fontsize=9)
         ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("actual loss increase")
+        ax.tick_params(labelsize=8)
+    axes[0].set_ylabel("actual loss change")
     axes[0].legend(fontsize=7, loc="upper left")
-    axes[1].legend(fontsize=7, loc="upper left")
-    fig.suptitle("does the quadratic model predict the loss? (ρ: Spearman, single weights "
-                 "and sets)", fontsize=10)
+    fig.suptitle("quadratic model vs actual loss after OBS pruning with each estimate "
+                 "(ρ: Spearman over all points)", fontsize=10)
     fig.tight_layout()
     return fig
 

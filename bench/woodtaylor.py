@@ -1,0 +1,247 @@
+"""Benchmark: WoodTaylor (safe) vs the paper's WoodTaylor vs WoodFisher, in one run per part.
+
+Parts (``--parts``, comma-separated; each is saved as soon as it ends):
+
+- ``select``: the options of ``woodtaylor`` on a **validation split** (MLPNet trained on
+  Fashion-MNIST train[:50k], accuracy on train[50k:]; the test set takes no part): the default
+  (WoodFisher's mask, Newton scale chosen on held-out loss, ḡ from the Fisher's m samples), ḡ
+  from 5000 samples, the first-order term in the saliency, a fixed scale of 1 (the paper's step
+  with WoodFisher's mask) and the paper's method, at a trained model, early in training and
+  after a distribution shift. The default of ``TAYLOR_DEFAULTS`` is the best of these.
+- ``oneshot``: one-shot 50–98 % on MLPNet 784-300-100-10 and the CNN (test accuracy).
+- ``settings``: models not at a minimum, one-shot: early in training (1 epoch), after a
+  distribution shift (Gaussian pixel noise σ = 0.3 on pruning data and test set).
+- ``gradual``: gradual to 95 % (10 epochs; 4 with ``--quick``), all training data and the
+  limited-data regime (the first 1000 training samples).
+
+Every method gets the same pruning samples (``m`` gradients, then 1000 held out for
+woodtaylor's scale, which the others ignore). WoodFisher settings: m = B = 256 (a fifth of the
+library default's cost, so that the grid fits); everything else the library defaults.
+
+Usage::
+
+    PYTHONPATH=src WOODFISHER_BENCH_CACHE=/work/cache python bench/woodtaylor.py
+    PYTHONPATH=src python bench/woodtaylor.py --quick            # minutes: fewer points
+    PYTHONPATH=src python bench/woodtaylor.py --parts select     # one part
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from common import dense_checkpoint, machine_info
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import TensorDataset
+
+from woodfisher.checkpoint import atomic_save_json
+from woodfisher.compare import pruning_batches
+from woodfisher.data import load_dataset
+from woodfisher.gradual import GradualConfig, gradual
+from woodfisher.models import build_model
+from woodfisher.pruning import prune
+from woodfisher.train import evaluate, train
+
+PRUNER = {"num_grads": 256, "block_size": 256}
+HELD_OUT = 1000
+METHODS = ("woodfisher", "woodtaylor", "woodtaylor-paper")
+VARIANTS = {  # name -> (method, taylor options)
+    "woodfisher": ("woodfisher", None),
+    "woodtaylor (default)": ("woodtaylor", None),
+    "woodtaylor ḡ 5000": ("woodtaylor", {"grad_samples": 5000}),
+    "woodtaylor + saliency": ("woodtaylor", {"saliency": True}),
+    "woodtaylor + saliency, ḡ 5000": ("woodtaylor", {"saliency": True, "grad_samples": 5000}),
+    "woodtaylor scale 1": ("woodtaylor", {"scale": 1.0}),
+    "woodtaylor-paper": ("woodtaylor-paper", None),
+}
+SHIFT_SIGMA = 0.3
+
+
+def shifted(ds: TensorDataset, std: float, seed: int) -> TensorDataset:
+    """Gaussian pixel noise of ``SHIFT_SIGMA`` (in [0, 1] pixel units) on normalised images."""
+    x, y = ds.tensors[:2]
+    gen = torch.Generator().manual_seed(seed)
+    return TensorDataset(x + SHIFT_SIGMA / std * torch.randn(x.shape, generator=gen), y)
+
+
+def one_shot(model, method, taylor, train_ds, test_ds, sparsity, seed) -> dict:
+    net = copy.deepcopy(model)
+    extra = (taylor or {}).get("grad_samples") or 0
+    data = pruning_batches(train_ds, max(PRUNER["num_grads"], extra) + HELD_OUT, seed=seed)
+    t0 = time.perf_counter()
+    kwargs = {} if taylor is None else {"taylor": taylor}
+    res = prune(net, data, sparsity, method, seed=seed, **PRUNER, **kwargs)
+    ev = evaluate(net, test_ds)
+    return {"accuracy": ev["accuracy"], "loss": ev["loss"], "seconds": time.perf_counter() - t0,
+            "sparsity": res.sparsity, "seed": seed,
+            "scales": None if res.taylor is None else res.taylor["scales"]}
+
+
+def table(title: str, rows: list[dict], key: str, cols: list[str]) -> None:
+    t = Table(title=title)
+    t.add_column("method")
+    for c in cols:
+        t.add_column(c, justify="right")
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    for name in names:
+        cells = []
+        for c in cols:
+            hit = [r for r in rows if r["method"] == name and r[key] == c]
+            cells.append(f"{100 * hit[0]['accuracy']:.2f}" if hit else "")
+        t.add_row(name, *cells)
+    Console().print(t)
+
+
+def part_select(args, splits) -> dict:
+    x, y = splits.train.tensors
+    fit, val = TensorDataset(x[:50_000], y[:50_000]), TensorDataset(x[50_000:], y[50_000:])
+    models = {}
+    for epochs in (10, 1):
+        torch.manual_seed(0)
+        net = build_model("mlpnet", splits.input_shape, splits.num_classes)
+        train(net, fit, epochs=epochs, seed=0, progress=False)
+        models[epochs] = net
+    std = splits.normalisation["std"]
+    cases = [("trained", models[10], fit, val, s) for s in args.select_sparsities]
+    cases += [("early (1 epoch)", models[1], fit, val, 0.9)]
+    cases += [("shift", models[10], shifted(fit, std, 1), shifted(val, std, 2), 0.9)]
+    variants = VARIANTS if not args.quick else {
+        k: VARIANTS[k] for k in ("woodfisher", "woodtaylor (default)", "woodtaylor-paper")}
+    rows = []
+    for case, net, fit_ds, val_ds, sparsity in cases:
+        dense = evaluate(net, val_ds)["accuracy"]
+        for name, (method, taylor) in variants.items():
+            r = one_shot(net, method, taylor, fit_ds, val_ds, sparsity, args.seed)
+            rows.append({"case": f"{case} {sparsity:.0%}", "method": name,
+                         "dense_accuracy": dense, **r})
+            print(f"select {case} {sparsity:.0%} {name}: {r['accuracy']:.4f} "
+                  f"({r['seconds']:.0f} s)", flush=True)
+    table("validation accuracy (%), one-shot MLPNet, train[:50k] / train[50k:]", rows, "case",
+          list(dict.fromkeys(r["case"] for r in rows)))
+    return {"protocol": "dense and pruning data from train[:50000], accuracy on "
+                        "train[50000:]", "rows": rows}
+
+
+def part_oneshot(args, splits) -> dict:
+    out = {}
+    for name in args.models:
+        model, info = dense_checkpoint(name)
+        dense = evaluate(model, splits.test)["accuracy"]
+        rows = []
+        for s in args.sparsities:
+            for method in METHODS:
+                r = one_shot(model, method, None, splits.train, splits.test, s, args.seed)
+                rows.append({"method": method, "sparsity": s, **r})
+                print(f"oneshot {name} {s:.0%} {method}: {r['accuracy']:.4f} "
+                      f"({r['seconds']:.0f} s)", flush=True)
+        table(f"{name}: test accuracy (%) after one-shot pruning, dense {100 * dense:.2f}",
+              [{**r, "col": f"{r['sparsity']:.0%}"} for r in rows], "col",
+              [f"{s:.0%}" for s in args.sparsities])
+        out[name] = {"dense_accuracy": dense, "rows": rows}
+    return out
+
+
+def part_settings(args, splits) -> dict:
+    trained, _ = dense_checkpoint("mlpnet")
+    early, _ = dense_checkpoint("mlpnet", epochs=1)
+    std = splits.normalisation["std"]
+    cases = [("early (1 epoch)", early, splits.train, splits.test),
+             ("shift (noise σ=0.3)", trained, shifted(splits.train, std, 1),
+              shifted(splits.test, std, 2))]
+    rows = []
+    for case, model, train_ds, test_ds in cases:
+        dense = evaluate(model, test_ds)["accuracy"]
+        for s in args.setting_sparsities:
+            for seed in args.seeds:
+                for method in METHODS:
+                    r = one_shot(model, method, None, train_ds, test_ds, s, seed)
+                    rows.append({"case": case, "method": method, "sparsity": s,
+                                 "dense_accuracy": dense, **r})
+                    print(f"settings {case} {s:.0%} seed {seed} {method}: "
+                          f"{r['accuracy']:.4f} ({r['seconds']:.0f} s)", flush=True)
+    for case in dict.fromkeys(r["case"] for r in rows):
+        sub = [{**r, "col": f"{r['sparsity']:.0%} s{r['seed']}"} for r in rows
+               if r["case"] == case]
+        table(f"{case}: test accuracy (%), dense {100 * sub[0]['dense_accuracy']:.2f}", sub,
+              "col", list(dict.fromkeys(r["col"] for r in sub)))
+    return {"shift_sigma": SHIFT_SIGMA, "rows": rows}
+
+
+def part_gradual(args, splits) -> dict:
+    model, _ = dense_checkpoint("mlpnet")
+    epochs = 4 if args.quick else 10
+    rows = []
+    for subset in (None, 1000):
+        for method in METHODS:
+            cfg = GradualConfig(final_sparsity=0.95, epochs=epochs, method=method, lr=0.01,
+                                prune_options=dict(PRUNER), train_subset=subset, seed=args.seed)
+            t0 = time.perf_counter()
+            res = gradual(copy.deepcopy(model), splits.train, cfg, test_data=splits.test,
+                          progress=False)
+            rows.append({
+                "method": method, "train_subset": subset or len(splits.train),
+                "accuracy": res.final["test_accuracy"], "sparsity": res.final["sparsity"],
+                "seconds": time.perf_counter() - t0, "seed": args.seed,
+                "scales": [r.get("newton_scales") for r in res.history if "pruned_to" in r],
+                "history": [{k: r.get(k) for k in ("epoch", "sparsity", "test_accuracy")}
+                            for r in res.history],
+            })
+            print(f"gradual N={rows[-1]['train_subset']} {method}: {rows[-1]['accuracy']:.4f} "
+                  f"({rows[-1]['seconds']:.0f} s)", flush=True)
+    table(f"MLPNet gradual to 95 % in {epochs} epochs: test accuracy (%)",
+          [{**r, "col": f"N={r['train_subset']}"} for r in rows], "col",
+          list(dict.fromkeys(f"N={r['train_subset']}" for r in rows)))
+    return {"epochs": epochs, "rows": rows}
+
+
+PARTS = {"select": part_select, "oneshot": part_oneshot, "settings": part_settings,
+         "gradual": part_gradual}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer sparsities, models, epochs")
+    ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise SystemExit(f"unknown parts {unknown}; choose from {list(PARTS)}")
+    args.models = ["mlpnet"] if args.quick else ["mlpnet", "cnn"]
+    args.sparsities = [0.5, 0.9, 0.98] if args.quick else [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
+    args.select_sparsities = [0.9] if args.quick else [0.9, 0.95]
+    args.setting_sparsities = [0.9] if args.quick else [0.5, 0.9, 0.95]
+    args.seeds = [args.seed] if args.quick else [args.seed, args.seed + 1]
+    out = args.out or Path("bench/results/woodtaylor" + ("_quick" if args.quick else "")
+                           + ".json")
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    splits = load_dataset("fashion-mnist")
+    for part in parts:
+        t0 = time.perf_counter()
+        load = os.getloadavg()
+        result[part] = PARTS[part](args, splits)
+        result[part].update(seconds=time.perf_counter() - t0, load_average_before=load,
+                            load_average_after=os.getloadavg(),
+                            command="PYTHONPATH=src python bench/woodtaylor.py"
+                            + (" --quick" if args.quick else "") + f" --parts {part}"
+                            + (f" --threads {args.threads}" if args.threads else ""))
+        result["pruner"] = {**PRUNER, "held_out": HELD_OUT}
+        result["machine"] = machine_info()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_json(result, out)
+        print(f"wrote {out} ({part}, {result[part]['seconds']:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
