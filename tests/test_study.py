@@ -133,7 +133,8 @@ def test_cli_writes_figures_and_json(tmp_path):
     assert json.loads((out / "study.json").read_text()) == printed
     assert printed["setup"]["num_grads"] == [10, 150]
     assert printed["setup"]["block_sizes"] == [None, 30]
-    _bad(["analyze-hessian", "--out", str(tmp_path / "h.png")], "directory now")
+    _bad(["analyze-hessian", "--out", str(tmp_path / "no" / "h.png")], "does not exist")
+    _bad(["analyze-hessian", "--out", str(tmp_path / "no" / "dir")], "does not exist")
     _bad(["analyze-hessian", "--out", str(out), "--num-grads", "10,x"], "--num-grads")
     _bad(["analyze-hessian", "--out", str(out), "--block-sizes", "0"], "--block-sizes")
 
@@ -144,8 +145,11 @@ def test_cli_studies_a_checkpoint_layer(tmp_path):
          "--out", str(ckpt), "-q"])
     res = json.loads(_ok(["analyze-hessian", "--model", str(ckpt), "--layer", "fc3",
                           "--samples", "100", "--num-grads", "20,100", "--block-sizes", "full",
-                          "--out", str(tmp_path / "s"), "--json", "-q"]).stdout)
+                          "--out", str(tmp_path / "h.png"), "--json", "-q"]).stdout)
     assert res["setup"]["layer"] == "fc3" and res["setup"]["d"] == 200
     assert res["setup"]["model"] == str(ckpt)
+    # A .png name is a prefix: h-error_vs_m.png ... h.json beside it.
+    assert json.loads((tmp_path / "h.json").read_text()) == res
+    assert all((tmp_path / f"h-{name}").is_file() for name in FIGURES.values())
     _bad(["analyze-hessian", "--model", str(ckpt), "--layer", "nope", "--out",
           str(tmp_path / "s")], "unknown layer 'nope'")

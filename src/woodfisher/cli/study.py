@@ -47,8 +47,9 @@ def _parse_ints(text: str, what: str, allow_full: bool = False) -> list[int | No
 @user_errors
 def analyze_hessian(
     out: Annotated[Path, typer.Option(
-        help="Directory for the figures (error_vs_m, heatmaps, fidelity, ihvp PNGs) and "
-             "study.json.")] = Path("hessian-study"),
+        help="Directory for the four figures (error_vs_m, heatmaps, fidelity, ihvp PNGs) and "
+             "study.json; or NAME.png to write NAME-error_vs_m.png ... NAME.json beside it."
+    )] = Path("hessian-study"),
     model: Annotated[Path | None, typer.Option(
         "--model", help="A checkpoint of `woodfisher train` to study (its dataset's training "
                         "split gives the samples); default: a 64-40-20-10 MLP trained briefly "
@@ -70,24 +71,26 @@ def analyze_hessian(
 ) -> None:
     """Compare WoodFisher, diagonal Fisher and K-FAC with the exact Hessian of one layer.
 
-    Writes four figures and study.json into OUT and prints the table (or, with --json, the
-    whole result as one JSON object).
+    Writes four figures and the JSON result (see --out) and prints the table (or, with
+    --json, the whole result as one JSON object).
     """
     from woodfisher.checkpoint import atomic_save_json, check_writable
     from woodfisher.fisher.study import analyze_hessian as run_study
-    from woodfisher.fisher.study_plots import print_hessian_table, write_figures
+    from woodfisher.fisher.study_plots import output_paths, print_hessian_table, write_figures
 
-    if out.suffix.lower() == ".png":
-        raise ValueError(
-            f"--out {out} looks like a PNG file; it is a directory now (four figures and "
-            f"study.json go into it): use e.g. --out {out.with_suffix('')}"
-        )
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory; pick another path")
+    paths = output_paths(out)
+    if out.suffix.lower() != ".png":
+        if out.exists() and not out.is_dir():
+            raise ValueError(
+                f"--out {out} exists and is not a directory; give a directory or a NAME.png"
+            )
+        if not out.parent.is_dir():
+            raise ValueError(f"--out {out}: the directory {out.parent} does not exist")
+        out.mkdir(exist_ok=True)
+    for path in paths.values():
+        check_writable(path)
     ms = _parse_ints(num_grads, "--num-grads")
     blocks = _parse_ints(block_sizes, "--block-sizes", allow_full=True)
-    out.mkdir(parents=True, exist_ok=True)
-    check_writable(out / "study.json")
     log = _stderr_log(quiet)
     net, data = None, None
     if model is not None:
@@ -101,10 +104,10 @@ def analyze_hessian(
                        num_samples=samples, damp=damp, seed=seed, log=log)
     if model is not None:
         result["setup"]["model"] = str(model)
-    paths = write_figures(result, out)
-    atomic_save_json(result, out / "study.json")
+    write_figures(result, out)
+    atomic_save_json(result, paths["json"])
     if json_out:
         typer.echo(json.dumps(result))
         return
     print_hessian_table(result, console=_stdout())
-    _stdout().print("wrote " + ", ".join(str(p) for p in [*paths.values(), out / "study.json"]))
+    _stdout().print("wrote " + ", ".join(str(p) for p in paths.values()))

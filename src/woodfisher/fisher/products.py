@@ -76,6 +76,12 @@ def sample_space_mul(W: Tensor, V: Tensor, damp: float, out: Tensor) -> None:
     """
     c, m, B = W.shape
     rows = _row_chunk(m, B, c, W.element_size())
+    if c == 1 and rows == m and V.shape[2] == 1:
+        # One cache-sized block, one vector: the two matrix-vector products of the floor.
+        v = V[0, :, 0]
+        torch.addmv(v, W[0].T, W[0].mv(v), alpha=-1, out=out[0, :, 0])
+        out.mul_(1.0 / damp)
+        return
     R = torch.zeros(c, V.shape[2], B, dtype=V.dtype, device=V.device)  # (Wᵀ W V)ᵀ
     for r in range(0, m, rows):
         Wr = W[:, r : r + rows]

@@ -244,22 +244,40 @@ def _save(fig, path: Path) -> None:
             os.unlink(tmp)
 
 
-def write_figures(result: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write every figure as a PNG into ``out_dir`` (created if needed), each atomically.
+def output_paths(out: str | os.PathLike) -> dict[str, Path]:
+    """Where the study's files go: into a directory, or beside a ``.png`` name as a prefix.
+
+    ``hessian-study`` gives ``hessian-study/error_vs_m.png`` … ``hessian-study/study.json``;
+    ``hessian.png`` gives ``hessian-error_vs_m.png`` … ``hessian.json`` beside it.
+
+    Args:
+        out: A directory, or a path ending in ``.png``.
+
+    Returns:
+        Key of :data:`FIGURES` (and ``"json"``) → path.
+    """
+    out = Path(out)
+    if out.suffix.lower() == ".png":
+        stem = out.with_suffix("")
+        paths = {k: stem.with_name(f"{stem.name}-{name}") for k, name in FIGURES.items()}
+        return {**paths, "json": stem.with_suffix(".json")}
+    return {**{k: out / name for k, name in FIGURES.items()}, "json": out / "study.json"}
+
+
+def write_figures(result: dict, out: str | os.PathLike) -> dict[str, Path]:
+    """Write every figure as a PNG (see :func:`output_paths`), each atomically.
 
     Args:
         result: The study's result.
-        out_dir: The directory.
+        out: A directory (created if needed) or a ``.png`` name used as a prefix.
 
     Returns:
         Key → path written.
     """
     plt = _plt()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
+    paths = {k: p for k, p in output_paths(out).items() if k in FIGURES}
     for key, fig in study_figures(result).items():
-        paths[key] = out / FIGURES[key]
+        paths[key].parent.mkdir(parents=True, exist_ok=True)
         try:
             _save(fig, paths[key])
         finally:
