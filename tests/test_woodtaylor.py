@@ -196,3 +196,13 @@ def test_woodtaylor_steps_inside_gradual(monkeypatch):
     assert all(len(r["newton_scales"]) >= 1 for r in pruned)
     assert all(s in wt.TAYLOR_DEFAULTS["grid"] for r in pruned for s in r["newton_scales"])
     assert res.final["sparsity"] == pytest.approx(0.8, abs=0.01)
+
+
+def test_patterns_take_woodfishers_step():
+    data = batches()
+    a, b = mlp(), mlp()
+    prune(a, data, None, "woodfisher", pattern="2:4", **OPTS)
+    res = prune(b, data, None, "woodtaylor", pattern="2:4", **OPTS)
+    sa, sb = state(a), state(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert res.taylor["scales"] == [0.0]
