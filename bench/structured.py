@@ -151,7 +151,7 @@ def part_nm(args, splits) -> list[dict]:
 CHANNEL_METHODS = ("woodfisher", "magnitude", "l1-filters", "tp-taylor", "tp-hessian")
 
 
-def part_channels(args, splits, name, model) -> list[dict]:
+def part_channels(args, splits, name, model, save=lambda rows: None) -> list[dict]:
     rows = []
     test = subset(splits.test, args.test_samples)
     tune = subset(splits.train, args.finetune_samples, seed=1)
@@ -171,6 +171,7 @@ def part_channels(args, splits, name, model) -> list[dict]:
                      "one_shot": one_shot, "fine_tuned": tuned, "prune_seconds": seconds,
                      "finetune_seconds": time.perf_counter() - t0,
                      "sparsity": float((~flat_masks(select_modules(net))).float().mean())})
+        save(rows)
         log(f"channels {name} {method}: FLOPs -{100 * removed:.1f} %, one-shot "
             f"{100 * one_shot:.2f}, +{args.finetune_epochs} ep {100 * tuned:.2f} "
             f"(dense {100 * dense:.2f})")
@@ -240,6 +241,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small samples, minutes not half hours")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--finetune-samples", type=int, default=None,
+                    help="training samples for the fine-tuning (default 20000; quick 2000)")
+    ap.add_argument("--reuse-nm", type=Path, default=None,
+                    help="take the 2:4 rows from this earlier result JSON instead of rerunning")
+    ap.add_argument("--reuse-channels", type=Path, default=None,
+                    help="take the channel rows from this earlier result JSON instead of rerunning")
     ap.add_argument("--table", type=Path, default=None,
                     help="print the markdown tables of an existing result JSON and exit")
     args = ap.parse_args()
@@ -249,7 +256,7 @@ def main() -> None:
     quick = args.quick
     args.num_grads = 64 if quick else 256
     args.test_samples = 2000 if quick else None
-    args.finetune_samples = 2000 if quick else 20000
+    args.finetune_samples = args.finetune_samples or (2000 if quick else 20000)
     args.finetune_epochs = 1 if quick else 2
     args.hessian_samples = 32 if quick else 128
     min_time = 0.5 if quick else 3.0
@@ -260,7 +267,13 @@ def main() -> None:
     result = {"machine": machine_info(), "quick": quick, "options": {
         k: getattr(args, k) for k in ("num_grads", "test_samples", "finetune_samples",
                                       "finetune_epochs", "hessian_samples")}}
-    result["nm"] = part_nm(args, splits)
+    if args.reuse_nm is not None:
+        old = json.loads(args.reuse_nm.read_text())
+        result["nm"] = old["nm"]
+        result["nm_from"] = {"file": str(args.reuse_nm), "machine": old["machine"],
+                             "options": old["options"]}
+    else:
+        result["nm"] = part_nm(args, splits)
     atomic_save_json(result, out)
     result["channels"] = []
     result["speed"] = []
@@ -278,12 +291,24 @@ def main() -> None:
             model = build_model("resnet20", shape, splits.num_classes).eval()
             info = {"model": {"name": "resnet20", "input_shape": list(shape),
                               "num_classes": splits.num_classes}, "dataset": {}}
+        elif args.reuse_channels is not None:
+            model, info = dense_checkpoint(name)
+            old = json.loads(args.reuse_channels.read_text())
+            result["channels"] += [r for r in old["channels"] if r["model"] == name]
+            result["channels_from"] = {"file": str(args.reuse_channels),
+                                       "machine": old["machine"], "options": old["options"]}
         else:
             model, info = dense_checkpoint(name)
-            result["channels"] += part_channels(args, splits, name, model)
+            done = list(result["channels"])
+
+            def save(rows, done=done):
+                result["channels"] = done + rows
+                atomic_save_json(result, out)
+
+            result["channels"] = done + part_channels(args, splits, name, model, save)
             atomic_save_json(result, out)
         pruned = copy.deepcopy(model)
-        batches = pruning_batches(splits.train, 200, seed=0)
+        batches = pruning_batches(splits.train, args.num_grads + 100, seed=0)
         prune(pruned, batches, 0.5, method="magnitude" if name == "resnet20" and not
               path.is_file() else "woodfisher", pattern="channels", target="flops",
               num_grads=args.num_grads, example_inputs=example)
