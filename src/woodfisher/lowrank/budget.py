@@ -10,7 +10,8 @@ Example:
     >>> import torch
     >>> from torch import nn
     >>> net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    >>> plans, skipped = plan_layers(net, "svd", torch.zeros(1, 1, 8, 8), min_weights=0)
+    >>> plans, skipped = plan_layers(net, "svd", torch.zeros(1, 1, 8, 8), min_weights=0,
+    ...                              keep_classifier=False)
     >>> [(p.name, p.dense_params, p.params(4), p.macs(4)) for p in plans]
     [('1', 2048, 384, 384), ('3', 320, 168, 168)]
 """
@@ -135,6 +136,7 @@ def plan_layers(
     layers: Sequence[str] | str | None = None,
     skip: Sequence[str] | str | None = None,
     min_weights: int = 512,
+    keep_classifier: bool = True,
 ) -> tuple[list[LayerPlan], list[dict[str, str]]]:
     """Select the layers to factorise and work out their costs.
 
@@ -145,6 +147,8 @@ def plan_layers(
         layers: ``fnmatch`` patterns of modules (default: every Linear/Conv).
         skip: Patterns to leave out.
         min_weights: Layers with fewer weights stay dense (RENE's code uses 512).
+        keep_classifier: Keep the last selected layer called in the forward pass (the
+            classifier) dense, as RENE's code does.
 
     Returns:
         ``(plans, skipped)``: one plan per factorisable layer, and ``{"name", "reason"}`` for
@@ -160,9 +164,12 @@ def plan_layers(
     modules = select_modules(model, layers, skip)
     shapes = _input_shapes(model, modules, example)
     dense = count_flops(model, example[:1]).by_name()
+    last = next(reversed(shapes), None)
     plans, skipped = [], []
     for name, mod in modules.items():
         reason = skip_reason(mod)
+        if reason is None and keep_classifier and name == last:
+            reason = "classifier (kept dense, as RENE does; keep_classifier=False to factorise)"
         if reason is None and name not in shapes:
             reason = "not called in the forward pass"
         if reason is None and mod.weight.numel() < min_weights:
@@ -322,7 +329,7 @@ def knapsack(
         [1, 0]
     """
     unit = max(budget / resolution, 1e-12)
-    nb = int(budget // unit) + 1
+    nb = int(math.floor(budget / unit + 1e-9)) + 1
     inf = np.inf
     best = np.full(nb, inf)
     best[0] = 0.0

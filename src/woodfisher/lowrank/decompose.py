@@ -11,9 +11,9 @@ Example:
     >>> net = build_model("mlpnet", input_shape=(1, 8, 8))
     >>> small = decompose(net, params=0.3, method="svd", ranks="uniform")
     >>> [(row["name"], row["rank"]) for row in small.lowrank["layers"]]
-    [('fc1', 15), ('fc2', 21), ('fc3', 2)]
-    >>> round(small.lowrank["budget"]["achieved"], 3)
-    0.299
+    [('fc1', 16), ('fc2', 22)]
+    >>> small.lowrank["skipped"][0]["reason"][:10], round(small.lowrank["budget"]["achieved"], 3)
+    ('classifier', 0.297)
 """
 
 from __future__ import annotations
@@ -36,10 +36,14 @@ __all__ = ["RANK_RULES", "checkpoint_spec", "decompose"]
 def _rene(plans, kind, budget, ctx):
     from woodfisher.lowrank.rene import search
 
-    if ctx.data is None:
-        raise ValueError("ranks='rene' needs data= (held-out batches for the logit step)")
-    found, info = search(ctx.model, plans, ctx.data, ctx.options.get("rene"), ctx.seed,
-                         ctx.progress)
+    opts = dict(ctx.options.get("rene") or {})
+    given = opts.pop("ranks", None)
+    if given is not None:  # a previous search's ranks: RENE has no budget, so reuse it
+        found, info = {p.name: int(given[p.name]) for p in plans}, {"reused": True}
+    else:
+        if ctx.data is None:
+            raise ValueError("ranks='rene' needs data= (held-out batches for the logit step)")
+        found, info = search(ctx.model, plans, ctx.data, opts, ctx.seed, ctx.progress)
     raw_cost = total_cost(plans, {p.name: p.cheaper(found[p.name], kind) for p in plans}, kind)
     ranks, c = rules.proportional(plans, kind, budget, {n: float(r) for n, r in found.items()})
     return ranks, {**info, "rene_ranks": found, "rene_fraction": raw_cost / total_cost(
@@ -105,6 +109,7 @@ def decompose(
     layers: list[str] | str | None = None,
     skip: list[str] | str | None = None,
     min_weights: int = 512,
+    keep_classifier: bool = True,
     curvature: str = "diagonal",
     num_grads: int = 256,
     block_size: int | None = 500,
@@ -130,10 +135,13 @@ def decompose(
         layers: ``fnmatch`` patterns of the layers to factorise (default every Linear/Conv2d).
         skip: Patterns of layers to keep dense.
         min_weights: Layers with fewer weights stay dense.
+        keep_classifier: Keep the layer that produces the output dense (RENE's default).
         curvature: Fisher of the ``fisher`` rule: ``"diagonal"`` or ``"woodfisher"`` (blocks).
         num_grads: Gradients sampled for the Fisher.
         block_size: WoodFisher block size.
-        rene: Options of the RENE search (see :data:`woodfisher.lowrank.rene.RENE_DEFAULTS`).
+        rene: Options of the RENE search (see :data:`woodfisher.lowrank.rene.RENE_DEFAULTS`);
+            ``{"ranks": report["rule"]["rene_ranks"]}`` reuses an earlier search's ranks (the
+            search has no budget, so one search serves every budget).
         seed: Seed of every random choice.
         progress: Show progress bars.
 
@@ -158,7 +166,8 @@ def decompose(
         raise ValueError(f"weighting must be None or 'fisher', got {weighting!r}")
     kind = "params" if params is not None or flops is None else "flops"
     fraction = params if kind == "params" else flops
-    plans, skipped = plan_layers(model, method, _example(model, data), layers, skip, min_weights)
+    plans, skipped = plan_layers(model, method, _example(model, data), layers, skip, min_weights,
+                                 keep_classifier)
     ctx = rules.RuleContext(
         model=model, data=data, weighting=weighting, curvature=curvature, num_grads=num_grads,
         block_size=block_size, seed=seed, progress=progress, options={"rene": rene},
@@ -194,12 +203,14 @@ def decompose(
     achieved = {k: total_cost(plans, chosen, "params" if k == "params" else "macs")
                 / selected[k] for k in BUDGETS}
     info = {k: v for k, v in info.items() if k != "spectra"}
+    total = sum(p.numel() for p in model.parameters())
     new.lowrank = {
         "method": method, "ranks": ranks if isinstance(ranks, str) else "explicit",
         "weighting": weighting, "seed": seed,
         "budget": {"kind": kind, "fraction": fraction, "achieved": achieved[kind]}
         if budget is not None else None,
         "params_fraction": achieved["params"], "flops_fraction": achieved["flops"],
+        "model_params_fraction": sum(p.numel() for p in new.parameters()) / max(total, 1),
         "layers": rows, "skipped": skipped, "rule": _plain(info),
     }
     return new

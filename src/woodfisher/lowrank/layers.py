@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -301,7 +302,10 @@ def _cp_factors(w: Tensor, rank: int, rw: Tensor | None, cw: Tensor | None, n_it
     x = x / norm
 
     def run(ridge: float):
-        with tl.backend_context("pytorch"):
+        # tensorly warns when the SVD initialisation asks for more vectors than a side has (it
+        # pads them at random, which is what we want for ranks above a side).
+        with tl.backend_context("pytorch"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             weights, factors = parafac(x, rank, n_iter_max=n_iter, init="svd", tol=1e-10,
                                        l2_reg=ridge, random_state=0)
         a, b, c = factors

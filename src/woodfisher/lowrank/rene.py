@@ -200,7 +200,7 @@ def _round(frozen, plans, grids, targets, feed, opts, bar) -> tuple[dict[str, in
         (recon * scale).backward()
         nn.utils.clip_grad_norm_(branches.parameters(), opts["clip"])
         opt_w.step()
-        weight_losses.append(float(recon))
+        weight_losses.append(float(recon.detach()))
         bar.update()
         if it < opts["warmup"]:
             continue
@@ -213,7 +213,7 @@ def _round(frozen, plans, grids, targets, feed, opts, bar) -> tuple[dict[str, in
         (val * rank_loss(probs(False), cands, opts["gamma"], opts["beta"])).backward()
         nn.utils.clip_grad_norm_(alphas.parameters(), opts["clip"])
         opt_a.step()
-        val_losses.append(float(val))
+        val_losses.append(float(val.detach()))
     final = probs(True)
     chosen = {}
     for i, p in enumerate(plans):
