@@ -229,13 +229,57 @@ def choose_lr(model, parts, cfg) -> dict:
     return {"validation_accuracy": scores, "chosen": max(scores, key=scores.get)}
 
 
+def pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.2f}"
+
+
+def tables(res: dict) -> str:
+    """The result JSON as the markdown tables of docs/lowrank.md."""
+    out = []
+    dense = {d["model"]: d for d in res.get("dense", [])}
+    for name, d in dense.items():
+        rows = [r for r in res["rules"] if r["model"] == name]
+        budgets = sorted({r["budget"] for r in rows})
+        out.append(f"\n**{name}** (dense {pct(d['accuracy'])} % on {d['test_images']} test "
+                   f"images; fine-tuning: 2 epochs on {d['finetune_images']} training images)\n")
+        head = "| rule | " + " | ".join(f"{b:.0%}: no FT | {b:.0%}: FT | {b:.0%}: model params"
+                                        for b in budgets) + " |"
+        out += [head, "|---" * (1 + 3 * len(budgets)) + "|"]
+        for rule in dict.fromkeys(r["rule"] for r in rows):
+            cells = []
+            for b in budgets:
+                r = next((x for x in rows if x["rule"] == rule and x["budget"] == b), None)
+                cells += [pct(r and r["accuracy"]), pct(r and r.get("finetuned")),
+                          pct(r and r.get("model_params_fraction"))]
+            out.append(f"| {rule} | " + " | ".join(cells) + " |")
+        prs = [r for r in res["pruning"] if r["model"] == name]
+        for r in prs:
+            lr = r.get("lowrank_fisher_flops")
+            extra = (f"; low rank `fisher` at flops={r['budget']:g}: {pct(lr['accuracy'])} "
+                     f"(MACs {pct(lr['flops_fraction'])} %)") if lr else ""
+            out.append(f"\n- {r['method']} at equal {r['equal']} ({r['budget']:.0%} kept, "
+                       f"nonzero MACs {pct(r['nonzero_macs_fraction'])} %): "
+                       f"{pct(r['accuracy'])}, fine-tuned {pct(r.get('finetuned'))}{extra}")
+    if res.get("survey_claim"):
+        out.append("\nSpearman correlation with the per-layer loss increase (layer alone at "
+                   f"30 %, {len(res['sensitivity'])} layers): " + ", ".join(
+                       f"{k} {v:+.2f}" for k, v in res["survey_claim"].items()))
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resnet-test", type=int, default=1000)
+    ap.add_argument("--tables", type=Path, help="print a result file's tables and exit")
     args = ap.parse_args()
+    if args.tables:
+        import json
+
+        print(tables(json.loads(args.tables.read_text())))
+        return
     torch.set_num_threads(args.threads)
     out = args.out or Path(f"bench/results/lowrank{'-quick' if args.quick else ''}.json")
     t_start = time.perf_counter()

@@ -135,6 +135,10 @@ def test_bad_budgets_and_ranks_are_clear_errors(trained):
     small = decompose(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(),
                                     nn.Linear(4 * 36, 8)), params=0.5,
                       data=[(torch.zeros(2, 4, 8, 8), torch.zeros(2, dtype=torch.long))],
-                      min_weights=0)
+                      min_weights=0, keep_classifier=False)
     assert small.lowrank["skipped"][0]["reason"].startswith("grouped convolution")
-    assert small.lowrank["skipped"][1]["reason"].startswith("classifier")
+    default = decompose(net, params=0.5, min_weights=0, data=data)
+    assert default.lowrank["skipped"][-1]["name"] == "7"
+    assert default.lowrank["skipped"][-1]["reason"].startswith("classifier")
+    one = decompose(net, params=0.5, layers=["0"], min_weights=0, data=data)
+    assert [r["name"] for r in one.lowrank["layers"]] == ["0"]

@@ -162,7 +162,9 @@ def plan_layers(
 
     method_for(nn.Linear(1, 1), method)  # validates the name
     modules = select_modules(model, layers, skip)
-    shapes = _input_shapes(model, modules, example)
+    # Every Linear/Conv is hooked, so that the classifier is the model's last layer even when
+    # only some layers are selected.
+    shapes = _input_shapes(model, select_modules(model), example)
     dense = count_flops(model, example[:1]).by_name()
     last = next(reversed(shapes), None)
     plans, skipped = [], []
