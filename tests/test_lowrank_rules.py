@@ -92,7 +92,8 @@ def test_fisher_rule_predicts_with_the_engine_fisher(trained):
         full = torch.zeros(op.layout.d, 3, dtype=torch.float64)
         full[op.layout.offsets[i]:op.layout.offsets[i] + op.layout.sizes[i]] = \
             deltas.reshape(3, -1).T
-        oracle = torch.stack([0.5 * full[:, j] @ op.fmul(full[:, j].clone()) for j in range(3)])
+        oracle = torch.stack([0.5 * full[:, j] @ op.fmul(full[:, j].clone()).double()
+                              for j in range(3)])
         assert torch.allclose(got, oracle, rtol=1e-6)
         assert got[0] > got[1] > got[2] > 0  # more components, smaller predicted increase
 

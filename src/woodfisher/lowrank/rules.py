@@ -130,7 +130,7 @@ def fisher_diagonal(op) -> dict[str, Tensor]:
     elif hasattr(inv, "grads"):
         flat = inv.grads.double().square().mean(0) + op.damp
     else:
-        flat = op.fmul(torch.ones(op.layout.d, dtype=torch.float64))
+        flat = op.fmul(torch.ones(op.layout.d, dtype=torch.float64)).double()
     return op.layout.split(flat.double())
 
 
@@ -168,7 +168,7 @@ def layer_quadratic(op, name: str, deltas: Tensor) -> Tensor:
         return 0.5 * out
     full = torch.zeros(layout.d, dv.shape[0], dtype=torch.float64)
     full[off:off + n] = dv.T
-    return 0.5 * (full * op.fmul(full)).sum(0)
+    return 0.5 * (full * op.fmul(full).double()).sum(0)
 
 
 def _scaled(w: Tensor, rw: Tensor | None, cw: Tensor | None, channels: bool) -> Tensor:
