@@ -2,15 +2,17 @@
 
 1. Fine-tuning learning rate chosen on a validation split (last 5000 training images) on the
    CNN at 50 % of the parameters (full run only).
-2. Every rank rule at 30 % and 50 % of the selected layers' weights (Tucker-2 for convolutions,
-   SVD for Linear layers): test accuracy without fine-tuning and after 2 epochs of CE +
-   0.5·(reconstruction + layer-output distillation) on a subset of the training images.
+2. Every rank rule at 30 % and 50 % of the weights of every Linear/Conv layer (classifier
+   included; Tucker-2 for convolutions, SVD for Linear layers): test accuracy without
+   fine-tuning, and (uniform, fisher, rene) after 2 epochs of CE + 0.5·(reconstruction +
+   layer-output distillation) on a subset of the training images.
 3. Against WoodFisher unstructured pruning (one shot, same selected layers) at equal weights,
    and (MLPNet, CNN) at equal MACs (low rank ``flops=`` vs layerwise sparsity).
 4. The survey's claim: per layer, the validation loss increase when that layer alone keeps 30 %
    of its weights, against its effective rank, ℓ1 rank, stable rank and mean |w|
    (Spearman correlations).
-5. CNN extras: SVD / Tucker-2 / CP; pruning the factors and 8/4-bit quantization (size in bits);
+5. CNN extras, with the default selection (conv2; the classifier and the 144-weight conv1 stay
+   dense): SVD / Tucker-2 / CP; pruning the factors and 8/4-bit quantization (size in bits);
    the survey's three families (pre-train = decompose + fine-tune, compression-aware = erank
    penalty then decompose, pre-set = the factorised net trained from scratch).
 
@@ -89,7 +91,7 @@ def run_rules(name, model, parts, budgets, cfg, lr, rows):
         for rule in cfg["rules"]:
             t0 = time.perf_counter()
             small = decompose(model, params=p, method="tucker2", data=parts["held"],
-                              min_weights=cfg["min_weights"], num_grads=cfg["num_grads"],
+                              num_grads=cfg["num_grads"], **cfg["select"],
                               **rule_kwargs(rule, rene_cache, cfg))
             secs = time.perf_counter() - t0
             if rule == "rene":
@@ -129,7 +131,7 @@ def run_pruning(name, model, parts, budgets, cfg, lr, layers, rows):
                    "nonzero_macs_fraction": flop.nonzero_macs / flop.total_macs}
             if kind == "flops":
                 small = decompose(model, flops=p, ranks="fisher", data=parts["held"],
-                                  min_weights=cfg["min_weights"], num_grads=cfg["num_grads"])
+                                  num_grads=cfg["num_grads"], **cfg["select"])
                 row["lowrank_fisher_flops"] = {
                     "accuracy": acc(small, parts["test"]),
                     "flops_fraction": small.lowrank["flops_fraction"],
@@ -151,15 +153,14 @@ def spearman(a: list[float], b: list[float]) -> float:
 def sensitivity(name, model, parts, cfg) -> list[dict]:
     """Loss increase on the validation split when one layer alone keeps 30 % of its weights."""
     base = evaluate(model, parts["val"])["loss"]
-    probe = decompose(model, params=0.3, method="tucker2", ranks="uniform",
-                      min_weights=cfg["min_weights"])
+    probe = decompose(model, params=0.3, method="tucker2", ranks="uniform", **cfg["select"])
     names = [r["name"] for r in probe.lowrank["layers"]]
     measures = {m["name"]: m for m in layer_measures(
         {n: model.get_submodule(n) for n in names})}
     out = []
     for layer in names:
         one = decompose(model, params=0.3, method="tucker2", ranks="uniform", layers=[layer],
-                        min_weights=0)
+                        **cfg["select"])
         loss = evaluate(one, parts["val"])["loss"]
         m = measures[layer]
         out.append({"model": name, "layer": layer, "loss_increase": loss - base,
@@ -221,7 +222,7 @@ def choose_lr(model, parts, cfg) -> dict:
     small = decompose(model, params=0.5, ranks="fisher", data=parts["held"],
                       min_weights=cfg["min_weights"], num_grads=cfg["num_grads"])
     scores = {}
-    for lr in (1e-5, 1e-3, 1e-2, 3e-2):
+    for lr in (1e-5, 1e-3, 1e-2):
         net = copy.deepcopy(small)
         finetune(net, model, parts["ft"], cfg["epochs"], lr=lr, seed=0)
         scores[lr] = acc(net, parts["val"])
@@ -260,6 +261,22 @@ def tables(res: dict) -> str:
             out.append(f"\n- {r['method']} at equal {r['equal']} ({r['budget']:.0%} kept, "
                        f"nonzero MACs {pct(r['nonzero_macs_fraction'])} %): "
                        f"{pct(r['accuracy'])}, fine-tuned {pct(r.get('finetuned'))}{extra}")
+    if res.get("lr_choice"):
+        out.append("\nFine-tuning learning rate (CNN, 50 %, validation accuracy): " + ", ".join(
+            f"{k}: {pct(v)}" for k, v in res["lr_choice"]["validation_accuracy"].items())
+            + f"; chosen {res['lr_choice']['chosen']}")
+    ex = res.get("cnn_extras")
+    if ex:
+        out.append("\nCNN, default selection (conv2), `fisher`, 50 %, no fine-tuning, by method: "
+                   + ", ".join(f"{m['method']} {pct(m['accuracy'])}" for m in ex["methods"]))
+        out += ["\n| CNN step | test accuracy % | size (KiB) |", "|---|---|---|"]
+        out += [f"| {r['step']} | {pct(r['accuracy'])} | {r['size_bits'] / 8192:.1f} |"
+                for r in ex["integration"]]
+        out += ["\n| family (CNN, 50 % of conv2) | test accuracy % | epochs |", "|---|---|---|"]
+        out += [f"| {f['family']} | {pct(f['accuracy'])} | {f['epochs']} |"
+                for f in ex["families"]]
+    for note in res.get("notes", []):
+        out.append(f"\nNote: {note}")
     if res.get("survey_claim"):
         out.append("\nSpearman correlation with the per-layer loss increase (layer alone at "
                    f"30 %, {len(res['sensitivity'])} layers): " + ", ".join(
@@ -284,8 +301,11 @@ def main() -> None:
     out = args.out or Path(f"bench/results/lowrank{'-quick' if args.quick else ''}.json")
     t_start = time.perf_counter()
     quick = args.quick
-    cfg_all = {"rules": RULES, "ft_rules": ("uniform", "fisher", "rene") if quick else RULES,
+    cfg_all = {"rules": RULES, "ft_rules": ("uniform", "fisher", "rene"),
                "num_grads": 256, "min_weights": 512,
+               # The rule comparison factorises every layer (classifier included): with the
+               # defaults the CNN has one selected layer (conv2) and every rule coincides.
+               "select": {"min_weights": 0, "keep_classifier": False},
                "epochs": 2, "finetune": True, "equal_flops": not quick, "preset_epochs": 4,
                "rene": {"iters": 30 if quick else 50}}
     models = ["mlpnet", "cnn"] + ([] if quick else ["resnet20"])
@@ -306,7 +326,7 @@ def main() -> None:
         splits = load_dataset("fashion-mnist", normalisation=info["dataset"])
         n_train = len(splits.train)
         resnet = name == "resnet20"
-        n_ft = {"mlpnet": 10000, "cnn": 4000, "resnet20": 1000}[name] // (2 if quick else 1)
+        n_ft = {"mlpnet": 5000, "cnn": 4000, "resnet20": 1000}[name] // (2 if quick else 1)
         n_test = args.resnet_test if resnet else (2000 if quick and name == "cnn" else None)
         parts = {
             "held": pruning_batches(subset(splits.train, 0, n_train - VAL), 1024, seed=0),
@@ -333,7 +353,7 @@ def main() -> None:
             result["lr_choice"] = choose_lr(model, parts, cfg)
             lr = result["lr_choice"]["chosen"]
         run_rules(name, model, parts, budgets, cfg, lr, result["rules"])
-        probe = decompose(model, params=0.5, ranks="uniform", min_weights=cfg["min_weights"])
+        probe = decompose(model, params=0.5, ranks="uniform", **cfg["select"])
         layers = [r["name"] for r in probe.lowrank["layers"]]
         run_pruning(name, model, parts, budgets, cfg, lr, layers, result["pruning"])
         result["sensitivity"] += sensitivity(name, model, parts, cfg)

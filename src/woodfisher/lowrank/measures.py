@@ -122,7 +122,7 @@ def effective_rank(weight: Tensor, mode: int = 0, differentiable: bool = False) 
     mat = unfold(weight, mode)
     s = torch.linalg.svdvals(mat if differentiable else mat.double())
     total = s.sum()
-    if float(total) <= 0:
+    if float(total.detach()) <= 0:
         return torch.ones((), dtype=s.dtype) if differentiable else 1.0
     p = s / total
     h = -(p * torch.log(p.clamp_min(_EPS))).sum()
