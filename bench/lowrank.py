@@ -143,6 +143,43 @@ def run_pruning(name, model, parts, budgets, cfg, lr, layers, rows):
             log(f"  {name} {p:.0%} {row['method']}: {row['accuracy']:.4f}")
 
 
+def run_channels(out: Path) -> None:
+    """Add WoodFisher channel pruning (``pattern="channels"``) rows to an existing result."""
+    import json
+
+    res = json.loads(out.read_text())
+    res["channels"] = []
+    for name in ("mlpnet", "cnn"):
+        model, info = load(name)
+        model.eval()
+        splits = load_dataset("fashion-mnist", normalisation=info["dataset"])
+        n = len(splits.train)
+        held = pruning_batches(subset(splits.train, 0, n - VAL), 1024, seed=0)
+        example = torch.zeros(1, *splits.input_shape)
+        for p in (0.3, 0.5):
+            for target in ("params", "flops"):
+                net = copy.deepcopy(model)
+                t0 = time.perf_counter()
+                try:
+                    prune(net, held, 1 - p, method="woodfisher", pattern="channels",
+                          target=target, example_inputs=example, recompute=1, num_grads=256)
+                except ValueError as err:
+                    res["channels"].append({"model": name, "budget": p, "target": target,
+                                            "error": str(err)})
+                    log(f"  {name} channels {p:.0%} {target}: {err}")
+                    continue
+                flop = count_flops(net, example)
+                row = {"model": name, "budget": p, "target": target,
+                       "accuracy": acc(net, splits.test), "seconds": time.perf_counter() - t0,
+                       "nonzero_macs_fraction": flop.nonzero_macs / flop.total_macs}
+                res["channels"].append(row)
+                log(f"  {name} channels {p:.0%} {target}: {row['accuracy']:.4f}")
+    res["channels_command"] = ("WOODFISHER_BENCH_CACHE=/work/cache PYTHONPATH=src:bench python "
+                               "bench/lowrank.py --channels")
+    res["machine_channels"] = machine_info()
+    atomic_save_json(res, out)
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     ra = torch.tensor(a).argsort().argsort().double()
     rb = torch.tensor(b).argsort().argsort().double()
@@ -275,6 +312,12 @@ def tables(res: dict) -> str:
         out += ["\n| family (CNN, 50 % of conv2) | test accuracy % | epochs |", "|---|---|---|"]
         out += [f"| {f['family']} | {pct(f['accuracy'])} | {f['epochs']} |"
                 for f in ex["families"]]
+    if res.get("channels"):
+        out += ["\n| channel pruning | kept | target | test accuracy % | nonzero MACs % |",
+                "|---|---|---|---|---|"]
+        out += [f"| {c['model']} | {c['budget']:.0%} | {c['target']} | "
+                f"{pct(c.get('accuracy'))} | {pct(c.get('nonzero_macs_fraction'))} |"
+                for c in res["channels"]]
     for note in res.get("notes", []):
         out.append(f"\nNote: {note}")
     if res.get("survey_claim"):
@@ -291,6 +334,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resnet-test", type=int, default=1000)
     ap.add_argument("--tables", type=Path, help="print a result file's tables and exit")
+    ap.add_argument("--channels", action="store_true",
+                    help="add channel-pruning rows to an existing result (--out) and exit")
     args = ap.parse_args()
     if args.tables:
         import json
@@ -299,6 +344,9 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     out = args.out or Path(f"bench/results/lowrank{'-quick' if args.quick else ''}.json")
+    if args.channels:
+        run_channels(out)
+        return
     t_start = time.perf_counter()
     quick = args.quick
     cfg_all = {"rules": RULES, "ft_rules": ("uniform", "fisher", "rene"),
