@@ -23,13 +23,12 @@ from woodfisher.gradual import (
     GRADUAL_RELATIVE_DAMP,
     GradualConfig,
     GradualError,
-    _canonical,
-    _ordered_params,
     gradual,
 )
 from woodfisher.models import build_model
 from woodfisher.params import flat_masks, select_modules
 from woodfisher.pruning import prune, pruning_steps
+from woodfisher.resume import ordered_params
 from woodfisher.train import masked_parameters, train, train_and_save
 
 SHAPE = (1, 8, 8)
@@ -92,7 +91,9 @@ def test_schedule_masks_and_momentum_after_every_epoch(tmp_path, method, options
             assert torch.all(orig[mask == 0] == 0)
         # The momentum as saved for resume: indices follow the canonical parameter order.
         state = torch.load(resume, weights_only=True)
-        names = sorted((n for n, _ in model.named_parameters()), key=_canonical)
+        names = sorted(
+            (n for n, _ in model.named_parameters()), key=lambda n: n.removesuffix("_orig")
+        )
         params = dict(model.named_parameters())
         for i, name in enumerate(names):
             mask = getattr(_owner(model, name), "weight_mask", None)
@@ -145,13 +146,13 @@ def _owner(model, name):
 def test_prune_keeps_parameter_objects_so_the_optimizer_stays_valid():
     model = _model()
     before = {n: p for n, p in model.named_parameters()}
-    opt = torch.optim.SGD(_ordered_params(model), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(ordered_params(model), lr=0.1, momentum=0.9)
     prune(model, [next(iter(torch.utils.data.DataLoader(_data(), batch_size=64)))], 0.5,
           method="woodfisher", **WF)
     after = dict(model.named_parameters())
     assert after["fc1.weight_orig"] is before["fc1.weight"]
     assert after["fc1.bias"] is before["fc1.bias"]
-    assert [p for g in opt.param_groups for p in g["params"]] == _ordered_params(model)
+    assert [p for g in opt.param_groups for p in g["params"]] == ordered_params(model)
 
 
 @pytest.mark.parametrize(("method", "options"), [("magnitude", {}), ("woodfisher", WF)])

@@ -41,6 +41,8 @@ __all__ = [
     "FORMAT",
     "CheckpointError",
     "atomic_save",
+    "atomic_save_json",
+    "atomic_savefig",
     "check_writable",
     "load_checkpoint",
     "refresh_pruned_weights",
@@ -150,6 +152,24 @@ def atomic_save_json(obj: Any, path: str | os.PathLike) -> Path:
     return _atomic_write(
         path, lambda f: f.write(json.dumps(obj, indent=2, default=str) + "\n"), "w"
     )
+
+
+def atomic_savefig(fig: Any, path: str | os.PathLike, **savefig_kw: Any) -> Path:
+    """Save a matplotlib figure as PNG so that ``path`` is never half-written.
+
+    Args:
+        fig: A ``matplotlib.figure.Figure``.
+        path: The destination; its directory must exist.
+        **savefig_kw: Passed to ``fig.savefig`` (e.g. ``dpi``).
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        OSError: If the directory is missing or not writable (the destination is untouched).
+    """
+    return _atomic_write(path, lambda f: fig.savefig(f, format="png", **savefig_kw), "wb")
+
 
 def _plain(value: Any) -> Any:
     """Reduce ``value`` to types ``torch.load(weights_only=True)`` accepts.

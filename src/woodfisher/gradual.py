@@ -28,12 +28,9 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -42,17 +39,25 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, Subset, TensorDataset
 
 from woodfisher.checkpoint import (
-    atomic_save,
     atomic_save_json,
+    atomic_savefig,
     refresh_pruned_weights,
     restore_pruning,
 )
 from woodfisher.data import as_batches
 from woodfisher.device import model_device, to_device
 from woodfisher.pruning.schedule import pruning_steps
+from woodfisher.resume import (
+    fingerprint,
+    load_resume,
+    ordered_params,
+    save_resume,
+    steps_per_epoch,
+    stream_seed,
+    take_subset,
+)
 from woodfisher.train import SCHEDULES, enforce_masks, lr_at
 
 __all__ = [
@@ -226,13 +231,7 @@ class GradualConfig:
         Returns:
             16 hex digits; a resume file is accepted only with the same value.
         """
-        fields = {**asdict(self), "pruner_options": self.pruner_options()}
-        h = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
-        for name, t in sorted(model.state_dict().items()):
-            t = t.detach().cpu().contiguous()
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
+        return fingerprint({**asdict(self), "pruner_options": self.pruner_options()}, model)
 
 
 @dataclass
@@ -259,34 +258,7 @@ class GradualResult:
 
 
 def _seed(seed: int, epoch: int, stream: str) -> int:
-    # One independent stream per (seed, epoch, use): resuming at epoch k redraws exactly what
-    # the uninterrupted run drew there, whatever happened before.
-    digest = hashlib.sha256(f"{seed}:{epoch}:{stream}".encode()).digest()
-    return int.from_bytes(digest[:7], "big")
-
-
-def _canonical(name: str) -> str:
-    # Pruning re-registers a weight as weight_orig after its bias; sorting on the canonical
-    # name gives the optimizer the same parameter order before and after pruning, which its
-    # state_dict (indexed by position) relies on when a resume builds it on a pruned model.
-    return name.removesuffix("_orig")
-
-
-def _ordered_params(model: nn.Module) -> list[nn.Parameter]:
-    named = sorted(model.named_parameters(), key=lambda kv: _canonical(kv[0]))
-    return [p for _, p in named]
-
-
-def _subset(data: Any, n: int | None) -> Any:
-    if n is None:
-        return data
-    if not isinstance(data, Dataset):
-        raise GradualError("train_subset needs a Dataset as training data, not an iterable")
-    if n > len(data):
-        raise GradualError(f"train_subset={n} exceeds the {len(data)} training samples")
-    if isinstance(data, TensorDataset):  # slicing keeps as_batches' fast path
-        return TensorDataset(*(t[:n] for t in data.tensors))
-    return Subset(data, range(n))
+    return stream_seed(seed, epoch, stream)
 
 
 def _prune_sample_count(config: GradualConfig) -> int:
@@ -323,43 +295,11 @@ def _prune_batches(data: Any, n: int, config: GradualConfig, epoch: int) -> list
     return out
 
 
-def _steps_per_epoch(data: Any, batch_size: int) -> int | None:
-    if isinstance(data, Dataset):
-        return math.ceil(len(data) / batch_size)
-    try:
-        return len(data)
-    except TypeError:
-        return None
-
-
 def _pruned_fraction(modules: dict[str, nn.Module]) -> float:
     from woodfisher.params import flat_masks
 
     present = flat_masks(modules)
     return float((~present).sum()) / present.numel()
-
-
-def _load_resume(path: Path, fingerprint: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise GradualError(f"resume requested but there is no resume file at {path}; "
-                           "start without --resume")
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise GradualError(f"{path} is not a gradual resume file ({reason})") from None
-    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
-        raise GradualError(
-            f"{path} is not a gradual resume file (no format={RESUME_FORMAT!r}); pass the "
-            "file `woodfisher gradual` wrote next to its output, or start without --resume"
-        )
-    if state.get("fingerprint") != fingerprint:
-        raise GradualError(
-            f"{path} belongs to another run or model (fingerprint {state.get('fingerprint')} "
-            f"!= {fingerprint}); resume with the same checkpoint and options, or start "
-            "without --resume"
-        )
-    return state
 
 
 def gradual(
@@ -409,33 +349,33 @@ def gradual(
 
     steps = config.steps()
     loss_fn = loss_fn or nn.functional.cross_entropy
-    train_data = _subset(train_data, config.train_subset)
+    train_data = take_subset(train_data, config.train_subset, GradualError)
     prune_n = _prune_sample_count(config)
     resume_path = Path(resume_path) if resume_path is not None else None
     if resume and resume_path is None:
         raise GradualError("resume=True needs resume_path")
-    fingerprint = config.fingerprint(model)
+    run_id = config.fingerprint(model)
     history: list[dict[str, Any]] = []
     first_epoch, resumed_from, state = 0, None, None
     if resume:
-        state = _load_resume(resume_path, fingerprint)
+        state = load_resume(resume_path, run_id, RESUME_FORMAT, "gradual", GradualError)
         device = model_device(model)
         state["model"] = {k: v.to(device) for k, v in state["model"].items()}
         restore_pruning(model, state["model"])
         model.load_state_dict(state["model"])
         refresh_pruned_weights(model)
-        history = json.loads(state["history"])
+        history = state["history"]
         first_epoch = resumed_from = int(state["next_epoch"])
     modules = select_modules(
         model, config.prune_options.get("layers"), config.prune_options.get("skip")
     )
     optimizer = torch.optim.SGD(
-        _ordered_params(model), lr=config.lr, momentum=config.momentum,
+        ordered_params(model), lr=config.lr, momentum=config.momentum,
         weight_decay=config.weight_decay,
     )
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-    per_epoch = _steps_per_epoch(train_data, config.batch_size)
+    per_epoch = steps_per_epoch(train_data, config.batch_size)
 
     for epoch in range(first_epoch, config.epochs):
         row: dict[str, Any] = {"epoch": epoch + 1}
@@ -465,18 +405,9 @@ def gradual(
             row["test_accuracy"], row["test_loss"] = ev["accuracy"], ev["loss"]
         history.append(row)
         if resume_path is not None:
-            atomic_save(
-                {
-                    "format": RESUME_FORMAT,
-                    "fingerprint": fingerprint,
-                    "next_epoch": epoch + 1,
-                    "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "history": json.dumps(history),
-                    "config": json.dumps(asdict(config), default=str),
-                },
-                resume_path,
-            )
+            save_resume(resume_path, fmt=RESUME_FORMAT, fingerprint=run_id,
+                        next_epoch=epoch + 1, model=model, optimizer=optimizer,
+                        history=history, config=asdict(config))
         if callback is not None:
             callback(history)
     model.eval()
@@ -577,15 +508,8 @@ def plot_history(history: list[dict[str, Any]], path: str | os.PathLike) -> Path
     lines = ax.get_lines() + ax2.get_lines()
     ax.legend(lines, [ln.get_label() for ln in lines], loc="lower left")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        atomic_savefig(fig, path, dpi=120)
     finally:
         plt.close(fig)
     return path
