@@ -40,6 +40,11 @@ def _patches(module: nn.Module, x: Tensor) -> Tensor:
         cols = nn.functional.unfold(
             x, module.kernel_size, module.dilation, module.padding, module.stride
         )
+        # A conv whose weight lives in another basis (woodfisher.frequency.DCTConv2d: DCT
+        # coefficients) maps the spatial patches into that basis, so A is its weight's factor.
+        to_basis = getattr(module, "patches_to_weight_basis", None)
+        if to_basis is not None:
+            cols = to_basis(cols)
         return cols.transpose(1, 2)
     raise NotImplementedError(
         f"K-FAC supports Linear and Conv2d layers, got {type(module).__name__}"
