@@ -42,8 +42,9 @@ def fdnp(
     domain: Annotated[str, typer.Option(help=DOMAIN_HELP)] = "frequency",
     criterion: Annotated[str, typer.Option(help=CRITERION_HELP)] = "magnitude",
     allocation: Annotated[
-        str, typer.Option(help="global (one c for all layers) or uniform (each layer at target).")
-    ] = "global",
+        str, typer.Option(help="score (one threshold on all layers' scores), global (one c for "
+                          "all layers) or uniform (each layer at the target).")
+    ] = "score",
     ramp: Annotated[
         float | None, typer.Option(help="Fraction of the update period the target ramps over.")
     ] = None,

@@ -112,7 +112,7 @@ class FDNPConfig:
     band_adaptive: bool = True
     band_slope: float = BAND_SLOPE
     criterion: str = "magnitude"
-    allocation: str = "global"
+    allocation: str = "score"
     gamma: float = 1e-4
     power: float = 1.0
     stop: float = 2 / 3

@@ -60,6 +60,11 @@ def coefficient_inverse_diag(
     from woodfisher.curvature import fisher_inverse
     from woodfisher.pruning import bake
 
+    for mod in model.modules():
+        # torch's pruning keeps ``weight`` as a non-leaf tensor, which deepcopy refuses; the
+        # forward pre-hook recomputes it anyway.
+        if hasattr(mod, "weight_mask") and hasattr(mod, "weight_orig"):
+            mod.weight = (mod.weight_orig * mod.weight_mask).detach()
     clone = bake(copy.deepcopy(model))
     inv = fisher_inverse(clone, data, "woodfisher", loss_fn, params=list(names),
                          num_grads=num_grads, block_size=block_size,

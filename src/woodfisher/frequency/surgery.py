@@ -37,10 +37,11 @@ from woodfisher.frequency.layers import DCTConv2d
 
 __all__ = ["ALLOCATIONS", "DynamicPruner", "band_kept_fractions"]
 
-#: How a compression target is shared between layers: ``"global"`` — one ``c`` for all layers
-#: (each layer's scores in units of its own ``σ`` from ``μ``, DNS's normalisation); ``"uniform"``
-#: — every layer at the target ratio, ``c`` per layer.
-ALLOCATIONS = ("global", "uniform")
+#: How a compression target is shared between layers: ``"score"`` — one threshold on the raw
+#: scores of all layers (global magnitude, or global OBS saliency with the second-order
+#: criterion); ``"global"`` — one ``c`` for all layers (each layer's scores in units of its own
+#: ``σ`` from its ``μ``, DNS's normalisation); ``"uniform"`` — every layer at the target ratio.
+ALLOCATIONS = ("score", "global", "uniform")
 
 
 def band_kept_fractions(module: nn.Module) -> list[float]:
@@ -82,7 +83,7 @@ class DynamicPruner:
         modules: Mapping[str, nn.Module],
         *,
         c: float = 0.0,
-        allocation: str = "global",
+        allocation: str = "score",
         band_slope: float = 0.0,
     ) -> None:
         if allocation not in ALLOCATIONS:
@@ -173,6 +174,13 @@ class DynamicPruner:
                 self.layer_c[n] = self.c
         elif not 0 < density <= 1:
             raise ValueError(f"density must be in (0, 1], got {density}")
+        elif self.allocation == "score":
+            e = {n: hysteresis_scores(self.scores(n), mod.weight_mask, self.factors[n])
+                 for n, mod in self.modules.items()}
+            flat = torch.cat([t.reshape(-1) for t in e.values()])
+            theta = threshold_for_count(flat, max(1, round(density * flat.numel())))
+            new = {n: t > theta for n, t in e.items()}
+            self.layer_c = {n: self._implied_c(n, theta) for n in e}
         elif self.allocation == "uniform":
             new = {}
             for n, mod in self.modules.items():

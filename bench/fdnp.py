@@ -1,0 +1,237 @@
+"""Benchmark: FDNP, BA-FDNP, spatial DNS and gradual pruning of the convs of CNN and ResNet-20.
+
+Dense models: ``bench/common.py`` (Fashion-MNIST, 10 epochs, seed 0, cached under
+``$WOODFISHER_BENCH_CACHE``). Every method then trains from the dense model for the same epochs
+on the same training subset, with SGD+momentum and a cosine learning rate (peak 0.01), and
+prunes only the 3×3 convs to the same parameter compression (4×, 8×, 16× of the conv
+weights):
+
+* ``fdnp`` / ``ba-fdnp`` — :func:`woodfisher.frequency.fdnp` (DCT coefficients, DNS rule with a
+  compression target; BA = band-adaptive);
+* ``dns`` — the same dynamic rule on the spatial weights (``domain="spatial"``);
+* ``gradual-magnitude`` / ``gradual-woodfisher`` — :func:`woodfisher.gradual` restricted to the
+  same convs (cubic schedule from 50 %, pruning in the first two thirds of the epochs).
+
+Reported on the test split (or its first ``--test-samples`` for ResNet-20): accuracy, parameter
+compression over the pruned convs, and the theoretical speed-up of those convs (multiplies only;
+for FDNP also with the DCT of the feature maps). A one-shot table (CNN, no training) compares
+the magnitude rule and WoodFisher/OBS on coefficients and on spatial weights.
+
+``--tune`` instead picks FDNP's defaults (target ramp, allocation, band slope) on a validation
+split carved from the training set (train on samples [0, 50k), score on [50k, 60k)).
+
+Usage::
+
+    WOODFISHER_BENCH_CACHE=/work/cache PYTHONPATH=src python bench/fdnp.py          # full
+    WOODFISHER_BENCH_CACHE=/work/cache PYTHONPATH=src python bench/fdnp.py --quick  # minutes
+    WOODFISHER_BENCH_CACHE=/work/cache PYTHONPATH=src python bench/fdnp.py --tune
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import TensorDataset
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import dense_checkpoint, machine_info  # noqa: E402
+
+from woodfisher.checkpoint import atomic_save_json  # noqa: E402
+from woodfisher.data import load_dataset  # noqa: E402
+from woodfisher.frequency import eligible_convs, fdnp, frequency_cost, prune_oneshot  # noqa: E402
+from woodfisher.gradual import GradualConfig, gradual  # noqa: E402
+from woodfisher.train import evaluate  # noqa: E402
+
+METHODS = ("fdnp", "ba-fdnp", "dns", "gradual-magnitude", "gradual-woodfisher")
+# Per-sample gradients for the WoodFisher pruning steps of gradual: blocks as wide as the
+# number of gradients (full rank per block), few enough for ResNet-20's 270k conv weights.
+WOODFISHER = {"num_grads": 256, "block_size": 256}
+
+#: (train samples, epochs, test samples or None for all) per model and mode.
+SETTINGS = {
+    "full": {"cnn": (10_000, 3, None), "resnet20": (3_000, 2, 3_000)},
+    "quick": {"cnn": (2_000, 1, 2_000), "resnet20": (500, 1, 500)},
+}
+RATIOS = {"full": {"cnn": (4, 8, 16), "resnet20": (8,)}, "quick": {"cnn": (8,), "resnet20": (8,)}}
+
+
+def _head(ds: TensorDataset, n: int | None, start: int = 0) -> TensorDataset:
+    stop = None if n is None else start + n
+    return TensorDataset(*(t[start:stop] for t in ds.tensors))
+
+
+def run_method(method: str, dense: torch.nn.Module, train: Any, ratio: float, epochs: int,
+               lr: float, seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train a copy of ``dense`` with one method to ``ratio`` over its 3×3 convs."""
+    model = copy.deepcopy(dense)
+    names, _ = eligible_convs(model)
+    t0 = time.perf_counter()
+    if method.startswith("gradual-"):
+        cfg = GradualConfig(final_sparsity=1 - 1 / ratio, epochs=epochs,
+                            method=method.removeprefix("gradual-"), lr=lr, seed=seed,
+                            prune_options={"layers": names,
+                                           **(WOODFISHER if "woodfisher" in method else {})})
+        gradual(model, train, cfg, progress=False)
+        extra: dict[str, Any] = {}
+    else:
+        rep = fdnp(model, train, compression=ratio, epochs=epochs,
+                   band_adaptive=method == "ba-fdnp", seed=seed, lr=lr, progress=False,
+                   domain="spatial" if method == "dns" else "frequency")
+        extra = {"bands": rep["bands"], "layers": [
+            {k: r[k] for k in ("name", "kept_fraction", "c") if k in r} for r in rep["layers"]]}
+    extra["seconds"] = time.perf_counter() - t0
+    return model, {**extra, "names": names}
+
+
+def measure(model: torch.nn.Module, names: list[str], test: Any, example: torch.Tensor
+            ) -> dict[str, Any]:
+    full = frequency_cost(model, example, names)
+    cost = full["selected"]
+    return {"accuracy": evaluate(model, test)["accuracy"], "compression": cost["compression"],
+            "speedup_multiply_only": cost["speedup_multiply_only"],
+            "speedup_with_transform": cost["speedup_with_transform"],
+            "model_speedup_multiply_only": full["model"]["speedup_multiply_only"]}
+
+
+def oneshot_table(dense: torch.nn.Module, train: Any, test: Any, ratios: tuple) -> list[dict]:
+    """Magnitude vs WoodFisher/OBS, on DCT coefficients vs spatial weights, no training."""
+    batches = [(train.tensors[0][i:i + 128], train.tensors[1][i:i + 128])
+               for i in range(0, 1024, 128)]
+    rows = []
+    for domain in ("spatial", "frequency"):
+        for method in ("magnitude", "woodfisher"):
+            for ratio in ratios:
+                model = copy.deepcopy(dense)
+                opts = {"num_grads": 512, "block_size": 512} if method == "woodfisher" else {}
+                prune_oneshot(model, batches, ratio, method=method, domain=domain, **opts)
+                rows.append({"domain": domain, "method": method, "ratio": ratio,
+                             "accuracy": evaluate(model, test)["accuracy"]})
+    return rows
+
+
+def tune(args: argparse.Namespace, console: Console) -> None:
+    """Pick ramp, band slope and allocation on a validation split (never the test set).
+
+    The validation samples are train[50k:60k], which no run trains on (the dense model did see
+    them in its own training, as it saw every training sample).
+    """
+    dense, info = dense_checkpoint("cnn")
+    splits = load_dataset("fashion-mnist", normalisation=info["dataset"])
+    # A third of the bench's training budget per run (5k samples × 2 epochs instead of 10k × 3).
+    n, epochs = (1_000, 1) if args.quick else (5_000, 2)
+    train, val = _head(splits.train, n), _head(splits.train, 10_000, start=50_000)
+    grid = [dict(ramp=r, band_slope=s, band_adaptive=s > 0)
+            for s in (0.0, 2.0, 4.0) for r in (0.0, 0.5)]
+    grid += [dict(ramp=0.5, band_slope=2.0, band_adaptive=True, allocation=a)
+             for a in ("global", "uniform")]
+    rows = []
+    for ratio in (8,):
+        for opts in grid:
+            model = copy.deepcopy(dense)
+            t0 = time.perf_counter()
+            fdnp(model, train, compression=ratio, epochs=epochs, progress=False, lr=args.lr,
+                 **opts)
+            rows.append({"ratio": ratio, "allocation": "score", **opts,
+                         "val_accuracy": evaluate(model, val)["accuracy"],
+                         "seconds": time.perf_counter() - t0})
+            console.print(rows[-1])
+    out = args.out.with_name(args.out.stem + "_tune.json")
+    atomic_save_json({"machine": machine_info(), "train_samples": n, "epochs": epochs,
+                      "dense_val_accuracy": evaluate(dense, val)["accuracy"],
+                      "validation": "train[50000:60000]", "rows": rows}, out)
+    console.print(f"wrote {out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small subsets, 8× only")
+    ap.add_argument("--tune", action="store_true", help="choose defaults on a validation split")
+    ap.add_argument("--models", default="cnn,resnet20")
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/fdnp.json"))
+    args = ap.parse_args()
+    console = Console(stderr=True)
+    torch.set_num_threads(2)
+    if args.tune:
+        tune(args, console)
+        return
+    mode = "quick" if args.quick else "full"
+    out = args.out.with_name(args.out.stem + "_quick.json") if args.quick else args.out
+    t_start = time.perf_counter()
+    result: dict[str, Any] = {"machine": machine_info(), "mode": mode, "lr": args.lr,
+                              "settings": {}, "rows": [], "oneshot": []}
+    for name in args.models.split(","):
+        dense, info = dense_checkpoint(name)
+        splits = load_dataset("fashion-mnist", normalisation=info["dataset"])
+        n_train, epochs, n_test = SETTINGS[mode][name]
+        train, test = _head(splits.train, n_train), _head(splits.test, n_test)
+        example = test.tensors[0][:1]
+        names, _ = eligible_convs(dense)
+        base = measure(dense, names, test, example)
+        result["settings"][name] = {"train_samples": n_train, "epochs": epochs,
+                                    "test_samples": len(test), "dense_accuracy": base["accuracy"],
+                                    "ratios": list(RATIOS[mode][name]), "convs": names}
+        console.print(f"{name}: dense {base['accuracy']:.4f} on {len(test)} test samples")
+        if name == "cnn":
+            result["oneshot"] = oneshot_table(dense, train, test, RATIOS[mode][name])
+        for ratio in RATIOS[mode][name]:
+            for method in METHODS:
+                model, extra = run_method(method, dense, train, ratio, epochs, args.lr)
+                row = {"model": name, "method": method, "ratio": ratio,
+                       **measure(model, names, test, example), **extra}
+                result["rows"].append(row)
+                console.print(f"  {method:>20} {ratio:>3}×: acc {row['accuracy']:.4f} "
+                              f"comp {row['compression']:.2f}× speed-up "
+                              f"{row['speedup_multiply_only']:.2f}× "
+                              f"({row['seconds']:.0f} s)")
+                result["total_seconds"] = time.perf_counter() - t_start
+                atomic_save_json(result, out)
+    result["total_seconds"] = time.perf_counter() - t_start
+    result["load_average_end"] = machine_info()["load_average"]
+    atomic_save_json(result, out)
+    print_tables(result, Console())
+    console.print(f"wrote {out} in {result['total_seconds']:.0f} s")
+
+
+def print_tables(result: dict[str, Any], console: Console) -> None:
+    for name, s in result["settings"].items():
+        table = Table(title=f"{name}: test accuracy % (dense {100 * s['dense_accuracy']:.2f}) / "
+                      "conv speed-up ×, multiplies only [with DCT of feature maps]")
+        table.add_column("method")
+        for r in s["ratios"]:
+            table.add_column(f"{r}×", justify="right")
+        for method in METHODS:
+            cells = []
+            for r in s["ratios"]:
+                row = next(x for x in result["rows"] if x["model"] == name
+                           and x["method"] == method and x["ratio"] == r)
+                speed = f"{row['speedup_multiply_only']:.1f}"
+                if method.endswith("fdnp"):
+                    speed += f" [{row['speedup_with_transform']:.1f}]"
+                cells.append(f"{100 * row['accuracy']:.2f} / {speed}")
+            table.add_row(method, *cells)
+        console.print(table)
+    if result["oneshot"]:
+        table = Table(title="CNN one-shot (no training): test accuracy %")
+        ratios = sorted({r["ratio"] for r in result["oneshot"]})
+        table.add_column("weights / rule")
+        for r in ratios:
+            table.add_column(f"{r}×", justify="right")
+        for domain in ("spatial", "frequency"):
+            for method in ("magnitude", "woodfisher"):
+                cells = [f"{100 * x['accuracy']:.2f}" for r in ratios for x in result["oneshot"]
+                         if x["domain"] == domain and x["method"] == method and x["ratio"] == r]
+                table.add_row(f"{domain} / {method}", *cells)
+        console.print(table)
+
+
+if __name__ == "__main__":
+    main()
