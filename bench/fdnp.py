@@ -7,7 +7,8 @@ prunes only the 3×3 convs to the same parameter compression (4×, 8×, 16× of 
 weights):
 
 * ``fdnp`` / ``ba-fdnp`` — :func:`woodfisher.frequency.fdnp` (DCT coefficients, DNS rule with a
-  compression target; BA = band-adaptive);
+  compression target; BA = band-adaptive); ``fdnp+woodfisher`` (CNN only) — the same with our
+  second-order score ``|c|/sqrt([F⁻¹]_qq)``;
 * ``dns`` — the same dynamic rule on the spatial weights (``domain="spatial"``);
 * ``gradual-magnitude`` / ``gradual-woodfisher`` — :func:`woodfisher.gradual` restricted to the
   same convs (cubic schedule from 50 %, pruning in the first two thirds of the epochs).
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -50,7 +52,10 @@ from woodfisher.frequency import eligible_convs, fdnp, frequency_cost, prune_one
 from woodfisher.gradual import GradualConfig, gradual  # noqa: E402
 from woodfisher.train import evaluate  # noqa: E402
 
-METHODS = ("fdnp", "ba-fdnp", "dns", "gradual-magnitude", "gradual-woodfisher")
+METHODS = ("fdnp", "ba-fdnp", "fdnp+woodfisher", "dns", "gradual-magnitude",
+           "gradual-woodfisher")
+# The second-order dynamic criterion re-estimates F⁻¹ every epoch; on the CNN only.
+SKIP = {"resnet20": ("fdnp+woodfisher",)}
 # Per-sample gradients for the WoodFisher pruning steps of gradual: blocks as wide as the
 # number of gradients (full rank per block), few enough for ResNet-20's 270k conv weights.
 WOODFISHER = {"num_grads": 256, "block_size": 256}
@@ -83,8 +88,9 @@ def run_method(method: str, dense: torch.nn.Module, train: Any, ratio: float, ep
         extra: dict[str, Any] = {}
     else:
         rep = fdnp(model, train, compression=ratio, epochs=epochs,
-                   band_adaptive=method == "ba-fdnp", seed=seed, lr=lr, progress=False,
-                   domain="spatial" if method == "dns" else "frequency")
+                   band_adaptive=method.startswith("ba-"), seed=seed, lr=lr, progress=False,
+                   domain="spatial" if method == "dns" else "frequency",
+                   criterion="woodfisher" if method.endswith("+woodfisher") else "magnitude")
         extra = {"bands": rep["bands"], "layers": [
             {k: r[k] for k in ("name", "kept_fraction", "c") if k in r} for r in rep["layers"]]}
     extra["seconds"] = time.perf_counter() - t0
@@ -128,25 +134,31 @@ def tune(args: argparse.Namespace, console: Console) -> None:
     # A third of the bench's training budget per run (5k samples × 2 epochs instead of 10k × 3).
     n, epochs = (1_000, 1) if args.quick else (5_000, 2)
     train, val = _head(splits.train, n), _head(splits.train, 10_000, start=50_000)
-    grid = [dict(ramp=r, band_slope=s, band_adaptive=s > 0)
-            for s in (0.0, 2.0, 4.0) for r in (0.0, 0.5)]
+    grid = [dict(ramp=r, band_slope=s, band_adaptive=s > 0, allocation="score",
+                 **({"criterion": c} if c != "magnitude" else {}))
+            for c in args.criteria for s in args.slopes for r in args.ramps]
     grid += [dict(ramp=0.5, band_slope=2.0, band_adaptive=True, allocation=a)
-             for a in ("global", "uniform")]
-    rows = []
+             for a in args.allocations if a != "score"]
+    out = args.out.with_name(args.out.stem + ("_tune_quick.json" if args.quick else "_tune.json"))
+    # Rows accumulate across invocations (a grid can be extended without redoing it).
+    done = json.loads(out.read_text()) if out.is_file() else {"rows": []}
+    rows = [r for r in done["rows"] if r.get("train_samples", n) == n]
     for ratio in (8,):
         for opts in grid:
+            if any(all(r.get(k) == v for k, v in {"ratio": ratio, **opts}.items())
+                   for r in rows):
+                continue
             model = copy.deepcopy(dense)
             t0 = time.perf_counter()
             fdnp(model, train, compression=ratio, epochs=epochs, progress=False, lr=args.lr,
                  **opts)
-            rows.append({"ratio": ratio, "allocation": "score", **opts,
+            rows.append({"ratio": ratio, **opts, "train_samples": n,
                          "val_accuracy": evaluate(model, val)["accuracy"],
                          "seconds": time.perf_counter() - t0})
             console.print(rows[-1])
-    out = args.out.with_name(args.out.stem + "_tune.json")
-    atomic_save_json({"machine": machine_info(), "train_samples": n, "epochs": epochs,
-                      "dense_val_accuracy": evaluate(dense, val)["accuracy"],
-                      "validation": "train[50000:60000]", "rows": rows}, out)
+            atomic_save_json({"machine": machine_info(), "train_samples": n, "epochs": epochs,
+                              "dense_val_accuracy": evaluate(dense, val)["accuracy"],
+                              "validation": "train[50000:60000]", "rows": rows}, out)
     console.print(f"wrote {out}")
 
 
@@ -156,10 +168,20 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="choose defaults on a validation split")
     ap.add_argument("--models", default="cnn,resnet20")
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads (1 is faster when the machine is oversubscribed)")
+    ap.add_argument("--slopes", type=lambda t: [float(v) for v in t.split(",")],
+                    default=[0.0, 2.0, 4.0], help="--tune: band slopes to try")
+    ap.add_argument("--ramps", type=lambda t: [float(v) for v in t.split(",")],
+                    default=[0.0, 0.5], help="--tune: target ramps to try")
+    ap.add_argument("--allocations", type=lambda t: t.split(","),
+                    default=["score", "global", "uniform"], help="--tune: allocations")
+    ap.add_argument("--criteria", type=lambda t: t.split(","), default=["magnitude"],
+                    help="--tune: scores (magnitude, woodfisher)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/fdnp.json"))
     args = ap.parse_args()
     console = Console(stderr=True)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.tune:
         tune(args, console)
         return
@@ -183,7 +205,7 @@ def main() -> None:
         if name == "cnn":
             result["oneshot"] = oneshot_table(dense, train, test, RATIOS[mode][name])
         for ratio in RATIOS[mode][name]:
-            for method in METHODS:
+            for method in (m for m in METHODS if m not in SKIP.get(name, ())):
                 model, extra = run_method(method, dense, train, ratio, epochs, args.lr)
                 row = {"model": name, "method": method, "ratio": ratio,
                        **measure(model, names, test, example), **extra}
@@ -208,13 +230,13 @@ def print_tables(result: dict[str, Any], console: Console) -> None:
         table.add_column("method")
         for r in s["ratios"]:
             table.add_column(f"{r}×", justify="right")
-        for method in METHODS:
+        for method in (m for m in METHODS if m not in SKIP.get(name, ())):
             cells = []
             for r in s["ratios"]:
                 row = next(x for x in result["rows"] if x["model"] == name
                            and x["method"] == method and x["ratio"] == r)
                 speed = f"{row['speedup_multiply_only']:.1f}"
-                if method.endswith("fdnp"):
+                if "fdnp" in method:
                     speed += f" [{row['speedup_with_transform']:.1f}]"
                 cells.append(f"{100 * row['accuracy']:.2f} / {speed}")
             table.add_row(method, *cells)

@@ -255,7 +255,7 @@ def test_splice_gradients_reach_pruned_entries():
 
 
 def test_pruner_targets_c_rule_and_splicing():
-    for allocation in ("global", "uniform"):
+    for allocation in ("score", "global", "uniform"):
         torch.manual_seed(0)
         a, b = DCTConv2d(4, 8, 3), DCTConv2d(8, 8, 3)
         pruner = DynamicPruner({"a": a, "b": b}, allocation=allocation, band_slope=1.0)
@@ -264,8 +264,14 @@ def test_pruner_targets_c_rule_and_splicing():
         assert sum(kept.values()) == round(0.2 * (288 + 576))
         if allocation == "uniform":
             assert kept == {"a": round(0.2 * 288), "b": round(0.2 * 576)}
-        else:
+        elif allocation == "global":
             assert pruner.layer_c["a"] == pruner.layer_c["b"]
+        else:  # one threshold on |c|/λ over both layers
+            score = {n: m.weight_orig.detach().abs() / band_factors(3, 1.0).float() for n, m in
+                     (("a", a), ("b", b))}
+            kept_min = min(float(score[n][pruner.masks()[n]].min()) for n in score)
+            pruned_max = max(float(score[n][~pruner.masks()[n]].max()) for n in score)
+            assert pruned_max < kept_min
         fractions = band_kept_fractions(a)
         mask = a.weight_mask.mean(dim=(0, 1))
         assert fractions[0] == pytest.approx(float(mask[0, 0]))

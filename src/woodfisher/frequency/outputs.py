@@ -29,6 +29,12 @@ def _pyplot() -> Any:
     return plt
 
 
+def _locator() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator
+
+
 def plot_history(history: list[dict[str, Any]], path: str | os.PathLike,
                  dense_accuracy: float | None = None) -> Path:
     """Accuracy and compression against epoch, as a PNG (written atomically).
@@ -41,7 +47,7 @@ def plot_history(history: list[dict[str, Any]], path: str | os.PathLike,
     Returns:
         ``path`` as a ``Path``.
     """
-    plt = _pyplot()
+    plt, MaxNLocator = _pyplot(), _locator()
     epochs = [r["epoch"] for r in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if history and all("test_accuracy" in r for r in history):
@@ -51,6 +57,7 @@ def plot_history(history: list[dict[str, Any]], path: str | os.PathLike,
         ax.axhline(100 * dense_accuracy, color="grey", ls="--", lw=1, label="dense test")
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2 = ax.twinx()
     ax2.plot(epochs, [r["compression"] for r in history], "k:", marker="^", label="compression")
     ax2.set_ylabel("compression (×, pruned convs)")
@@ -77,7 +84,7 @@ def plot_bands(report: dict[str, Any], path: str | os.PathLike) -> Path:
     Returns:
         ``path`` as a ``Path``.
     """
-    plt = _pyplot()
+    plt, MaxNLocator = _pyplot(), _locator()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     rows = [r for r in report["layers"] if "bands" in r]
     for r in rows:
@@ -90,6 +97,7 @@ def plot_bands(report: dict[str, Any], path: str | os.PathLike) -> Path:
         ax.text(0.5, 0.5, "spatial-domain run: no frequency bands", ha="center",
                 transform=ax.transAxes)
     ax.set_xlabel("frequency band u+v (0 = DC)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("coefficients kept (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{report['method']}: {report['compression']:.2f}× over the pruned convs",
