@@ -168,6 +168,8 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="choose defaults on a validation split")
     ap.add_argument("--models", default="cnn,resnet20")
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--dense-epochs", type=int, default=10,
+                    help="epochs of the cached dense models (bench/common.py)")
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads (1 is faster when the machine is oversubscribed)")
     ap.add_argument("--slopes", type=lambda t: [float(v) for v in t.split(",")],
@@ -191,7 +193,7 @@ def main() -> None:
     result: dict[str, Any] = {"machine": machine_info(), "mode": mode, "lr": args.lr,
                               "settings": {}, "rows": [], "oneshot": []}
     for name in args.models.split(","):
-        dense, info = dense_checkpoint(name)
+        dense, info = dense_checkpoint(name, epochs=args.dense_epochs)
         splits = load_dataset("fashion-mnist", normalisation=info["dataset"])
         n_train, epochs, n_test = SETTINGS[mode][name]
         train, test = _head(splits.train, n_train), _head(splits.test, n_test)
@@ -199,6 +201,7 @@ def main() -> None:
         names, _ = eligible_convs(dense)
         base = measure(dense, names, test, example)
         result["settings"][name] = {"train_samples": n_train, "epochs": epochs,
+                                    "dense_epochs": args.dense_epochs,
                                     "test_samples": len(test), "dense_accuracy": base["accuracy"],
                                     "ratios": list(RATIOS[mode][name]), "convs": names}
         console.print(f"{name}: dense {base['accuracy']:.4f} on {len(test)} test samples")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +16,6 @@ from torch import nn
 from torch.nn.utils import prune
 
 from woodfisher import fisher_inverse, load_checkpoint, sample_gradients, save_checkpoint
-from woodfisher.checkpoint import CheckpointError
 from woodfisher.fisher import exact_empirical_fisher, kfac_inverse
 from woodfisher.flops import count_flops
 from woodfisher.frequency import (
@@ -33,7 +36,7 @@ from woodfisher.frequency import (
     update_probability,
 )
 from woodfisher.frequency.dns import threshold_for_count
-from woodfisher.models import build_model
+from woodfisher.models import build_model, module_from_spec, register_module_type
 
 CONVS = [
     dict(c_in=3, c_out=4, k=3, stride=1, padding=1, dilation=1, groups=1, bias=True),
@@ -134,34 +137,46 @@ def test_checkpoint_rebuilds_dctconv_with_masks(tmp_path):
     model.eval()
     x = torch.randn(4, 1, 8, 8)
     spec = {"name": "cnn", "input_shape": [1, 8, 8], "num_classes": 3}
-    save_checkpoint(tmp_path / "f.pt", model, spec)
+    save_checkpoint(tmp_path / "f.pt", model, spec)  # no "modules": recorded by themselves
     loaded, info = load_checkpoint(tmp_path / "f.pt")
-    assert info["model"]["layer_classes"] == {
-        "conv1": "woodfisher.frequency.layers:DCTConv2d",
-        "conv2": "woodfisher.frequency.layers:DCTConv2d"}
+    recorded = info["model"]["modules"]
+    assert sorted(recorded) == ["conv1", "conv2"]
+    assert recorded["conv2"]["type"] == "DCTConv2d"
+    assert recorded["conv2"]["module"] == "woodfisher.frequency.layers"
     assert isinstance(loaded.conv2, DCTConv2d)
     assert torch.equal(loaded.conv2.weight_mask, model.conv2.weight_mask)
     assert torch.equal(loaded(x), model(x))
-    # Converted back to spatial and saved with the loaded spec: no stale entry survives.
+    # Converted back to spatial and saved with the loaded spec: the stale entries are
+    # re-described as the plain convs they are now.
     to_spatial(loaded)
     save_checkpoint(tmp_path / "s.pt", loaded, info["model"])
     again, info2 = load_checkpoint(tmp_path / "s.pt")
-    assert "layer_classes" not in info2["model"] and type(again.conv2) is nn.Conv2d
+    assert info2["model"]["modules"]["conv2"]["type"] == "Conv2d"
+    assert type(again.conv2) is nn.Conv2d
     torch.testing.assert_close(again(x), model(x), atol=1e-5, rtol=0)
 
 
-def test_checkpoint_refuses_foreign_layer_classes(tmp_path):
+def test_checkpoint_loads_dctconv_in_a_fresh_process(tmp_path):
+    """Loading must not depend on woodfisher.frequency having been imported already."""
     model = build_model("cnn", input_shape=(1, 8, 8), num_classes=3)
+    to_frequency(model)
     spec = {"name": "cnn", "input_shape": [1, 8, 8], "num_classes": 3}
     path = save_checkpoint(tmp_path / "f.pt", model, spec)
-    payload = torch.load(path, weights_only=True)
-    for bad, match in (("os:system", "only woodfisher classes"),
-                       ("woodfisher.frequency.layers:Nope", "not available"),
-                       ("woodfisher.models:build_model", "not a layer")):
-        payload["model"]["layer_classes"] = {"conv1": bad}
-        torch.save(payload, path)
-        with pytest.raises(CheckpointError, match=match):
-            load_checkpoint(path)
+    code = ("import sys; from woodfisher import load_checkpoint; "
+            "m, _ = load_checkpoint(sys.argv[1]); print(type(m.conv2).__name__)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    out = subprocess.run([sys.executable, "-c", code, str(path)], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    assert out.strip() == "DCTConv2d"
+
+
+def test_module_specs_import_only_woodfisher_modules():
+    with pytest.raises(ValueError, match="unknown module type 'Evil'"):
+        module_from_spec({"type": "Evil", "module": "os", "args": {}})
+    with pytest.raises(ValueError, match="failed to import"):
+        module_from_spec({"type": "Nope", "module": "woodfisher.no_such_module", "args": {}})
+    with pytest.raises(ValueError, match="only woodfisher layer classes"):
+        register_module_type(nn.Conv2d, ())
 
 
 # --- the engine on coefficients: F_C = D F_W Dᵀ ---------------------------------------------

@@ -11,7 +11,7 @@ before the state dict is loaded.
 
 Example:
     >>> import tempfile, os
-    >>> from woodfisher.models import build_model, replace_modules
+    >>> from woodfisher.models import build_model, module_spec, replace_modules, swapped_modules
     >>> model = build_model("mlpnet-small", input_shape=(1, 8, 8))
     >>> spec = {"name": "mlpnet-small", "input_shape": [1, 8, 8], "num_classes": 10}
     >>> path = os.path.join(tempfile.mkdtemp(), "m.pt")
@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from woodfisher import __version__
-from woodfisher.models import build_model, replace_modules
+from woodfisher.models import build_model, module_spec, replace_modules, swapped_modules
 
 __all__ = [
     "FORMAT",
@@ -209,7 +209,9 @@ def save_checkpoint(
         model: The model; pruning state (``*_orig`` / ``*_mask``) is kept as it is.
         spec: How to rebuild the model: ``name``, ``input_shape``, ``num_classes`` and optional
             ``kwargs`` for :func:`woodfisher.models.build_model`; optional ``modules`` (name to
-            :func:`woodfisher.models.module_spec`) for submodules that replace the built ones.
+            :func:`woodfisher.models.module_spec`) for submodules that replace the built ones
+            (re-described from ``model`` as it is; registered woodfisher layers such as
+            ``DCTConv2d`` are added by themselves).
         normalisation: The dataset: ``{"dataset": name, "mean": ..., "std": ...}``.
         meta: Training metadata (epochs, seed, accuracy, time, ...); versions are added.
 
@@ -227,11 +229,26 @@ def save_checkpoint(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "model": _plain({"kwargs": {}, **spec}),
+        "model": _plain({"kwargs": {}, **spec, **_module_specs(model, spec)}),
         "dataset": _plain(normalisation or {}),
         "meta": _plain({**(meta or {}), "versions": versions()}),
     }
     return atomic_save(payload, path)
+
+
+def _module_specs(model: nn.Module, spec: dict[str, Any]) -> dict[str, Any]:
+    # Describe the replaced submodules as they are now (a spec carried over from a loaded
+    # checkpoint may name layers converted back since), plus every registered woodfisher layer.
+    names = list(spec.get("modules") or {})
+    for name in names:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"model spec replaces {name!r}, which the model does not have; "
+                             "drop it from spec['modules']") from None
+    modules = {n: module_spec(model.get_submodule(n)) for n in names}
+    modules.update(swapped_modules(model))
+    return {"modules": modules} if modules else {}
 
 
 def refresh_pruned_weights(model: nn.Module) -> None:

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -42,7 +43,9 @@ __all__ = [
     "check_input",
     "module_from_spec",
     "module_spec",
+    "register_module_type",
     "replace_modules",
+    "swapped_modules",
 ]
 
 
@@ -403,9 +406,11 @@ def module_spec(module: nn.Module) -> dict:
     for name in names:
         value = getattr(module, name)
         args[name] = list(value) if isinstance(value, tuple) else value
-    if kind.startswith(("Linear", "Conv")):
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
         args["bias"] = module.bias is not None
     spec: dict = {"type": kind, "args": args}
+    if cls.__module__.startswith("woodfisher."):
+        spec["module"] = cls.__module__  # where module_from_spec finds (registers) the class
     if kind == "Sequential":
         spec["children"] = [module_spec(child) for child in module]
     return spec
@@ -424,6 +429,13 @@ def module_from_spec(spec: dict) -> nn.Module:
         ValueError: If the type is not in :data:`MODULE_TYPES` or the arguments do not fit it.
     """
     kind = spec.get("type") if isinstance(spec, dict) else None
+    home = spec.get("module") if isinstance(spec, dict) else None
+    if kind not in MODULE_TYPES and isinstance(home, str) and home.startswith("woodfisher."):
+        try:
+            importlib.import_module(home)  # a woodfisher layer registers itself on import
+        except ImportError as e:
+            raise ValueError(f"module type {kind!r} needs {home}, which failed to import: {e}"
+                             ) from e
     if kind not in MODULE_TYPES:
         raise ValueError(
             f"unknown module type {kind!r} in a model spec; known: {sorted(MODULE_TYPES)}"
@@ -436,6 +448,42 @@ def module_from_spec(spec: dict) -> nn.Module:
         return cls(**args)
     except (TypeError, ValueError) as e:
         raise ValueError(f"bad arguments {args} for a {kind} in a model spec: {e}") from e
+
+
+def register_module_type(cls: type[nn.Module], arg_names: Sequence[str]) -> None:
+    """Let :func:`module_spec` describe a woodfisher layer class (e.g. ``DCTConv2d``).
+
+    A checkpoint then records every such layer of a model by itself (see
+    :func:`swapped_modules`) and rebuilds it on load, importing the class's module by name — a
+    module of the woodfisher package only, so a checkpoint still carries data, not code.
+
+    Args:
+        cls: The class; its module must be inside the ``woodfisher`` package.
+        arg_names: The constructor arguments to record (read back as attributes).
+
+    Raises:
+        ValueError: If ``cls`` lives outside the woodfisher package.
+    """
+    if not cls.__module__.startswith("woodfisher."):
+        raise ValueError(f"only woodfisher layer classes can be registered, got {cls!r}")
+    MODULE_TYPES[cls.__name__] = (cls, tuple(arg_names))
+
+
+def swapped_modules(model: nn.Module) -> dict[str, dict]:
+    """Descriptions of every submodule whose class was registered with
+    :func:`register_module_type` (layers ``build_model`` never makes).
+
+    Args:
+        model: Any module.
+
+    Returns:
+        Dotted name to :func:`module_spec`, in registration order.
+    """
+    return {
+        name: module_spec(mod) for name, mod in model.named_modules()
+        if name and type(mod).__module__.startswith("woodfisher.")
+        and MODULE_TYPES.get(type(mod).__name__, (None,))[0] is type(mod)
+    }
 
 
 def replace_modules(model: nn.Module, specs: dict[str, dict]) -> nn.Module:

@@ -9,7 +9,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from woodfisher.cli.common import DataDir, JsonOut, Quiet, Seed, _stdout, app, user_errors
+from woodfisher.cli.common import (
+    DataDir,
+    DeviceOpt,
+    JsonOut,
+    Quiet,
+    Seed,
+    _stdout,
+    app,
+    user_errors,
+)
 
 DOMAIN_HELP = "frequency (FDNP: prune DCT coefficients) or spatial (plain DNS on the weights)."
 CRITERION_HELP = (
@@ -69,12 +78,15 @@ def fdnp(
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT's resume file.")] = False,
     data_dir: DataDir = None,
+    device: DeviceOpt = "auto",
     quiet: Quiet = False,
     json_out: JsonOut = False,
 ) -> None:
     """Train CHECKPOINT while pruning its convs' DCT coefficients dynamically (FDNP); resumable."""
+    from woodfisher.device import resolve_device
     from woodfisher.frequency.outputs import run_fdnp
 
+    dev = resolve_device(device)
     options = {
         "compression": None if c is not None else compression, "c": c, "epochs": epochs,
         "band_adaptive": band_adaptive, "band_slope": band_slope, "domain": domain,
@@ -86,7 +98,7 @@ def fdnp(
                if v is not None or k in ("compression", "layers", "skip")}
     res = run_fdnp(checkpoint, out, resume=resume,
                    data_dir=None if data_dir is None else str(data_dir), progress=not quiet,
-                   **options)
+                   device=dev, **options)
     if json_out:
         typer.echo(json.dumps(res, default=str))
         return

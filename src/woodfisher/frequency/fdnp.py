@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from woodfisher.checkpoint import refresh_pruned_weights
 from woodfisher.data import as_batches
+from woodfisher.device import model_device, to_device
 from woodfisher.frequency.dns import splice_gradients, update_probability
 from woodfisher.frequency.layers import eligible_convs, to_frequency
 from woodfisher.frequency.saliency import (
@@ -264,8 +265,10 @@ def _epoch(model: nn.Module, run: _Run, data: Any, cfg: FDNPConfig, epoch: int,
     bar = tqdm(batches, total=per_epoch, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
                file=sys.stderr, disable=not progress, leave=True, dynamic_ncols=True)
     n, correct, loss_sum, lr = 0, 0, 0.0, cfg.lr
+    device = model_device(model)
     with splice_gradients(run.modules):
         for i, (x, y) in enumerate(bar):
+            x, y = to_device((x, y), device)
             it = epoch * per_epoch + i
             r = float(torch.rand((), generator=gen))
             if it < iter_stop:
@@ -328,6 +331,7 @@ def fdnp(
     The eligible convs (square kernels larger than 1×1) become DCTConv2d (``domain="spatial"``
     leaves them as they are and prunes their weights: plain DNS). The whole model trains; the
     masks of the convs' coefficients follow DNS's rule until ``stop`` of the run, then stay.
+    Training runs where the model is (batches are moved there).
 
     Args:
         model: A trained model. On resume, pass the same starting model as the first run.
@@ -407,7 +411,7 @@ def fdnp(
         if callback is not None:
             callback(run.history)
     model.eval()
-    example = next(iter(as_batches(data, 1)))[0]
+    example = next(iter(as_batches(data, 1)))[0].to(model_device(model))
     return _report(model, run, cfg, example)
 
 

@@ -7,8 +7,9 @@ forward pass convolves with ``W = Aᵀ C A``. Because the coefficients *are* the
 unchanged: ``torch.nn.utils.prune`` masks (``weight_orig``/``weight_mask``), per-sample gradients
 and the inverse Fisher (:func:`woodfisher.fisher_inverse`: the Fisher in the DCT basis is
 ``D F Dᵀ`` with ``D = I ⊗ A ⊗ A``), ``woodfisher.prune``, ``count_flops`` (its ``nonzero_macs``
-are the frequency-domain multiplies) and checkpoints (:func:`woodfisher.load_checkpoint` rebuilds
-the layer through :meth:`DCTConv2d.from_checkpoint`). The one thing to keep in mind: a
+are the frequency-domain multiplies) and checkpoints (the layer is registered with
+:func:`woodfisher.models.register_module_type`, so a saved model records it and
+:func:`woodfisher.load_checkpoint` rebuilds it). The one thing to keep in mind: a
 DCTConv2d's ``weight`` is not a spatial kernel — use :meth:`DCTConv2d.spatial_weight` or
 :meth:`DCTConv2d.to_conv2d` for that.
 
@@ -26,13 +27,14 @@ Example:
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from woodfisher.frequency.dct import dct2, idct2
+from woodfisher.models import MODULE_TYPES, register_module_type
 from woodfisher.params import effective_weight
 
 __all__ = [
@@ -101,22 +103,6 @@ class DCTConv2d(nn.Conv2d):
         new.train(conv.training)
         return new
 
-    @classmethod
-    def from_checkpoint(cls, module: nn.Module, state: Mapping[str, Tensor], prefix: str
-                        ) -> DCTConv2d:
-        """Rebuild this layer in place of the Conv2d a fresh model has (used by checkpoints).
-
-        Args:
-            module: The module the freshly built model has at this place (a Conv2d).
-            state: The checkpoint's state dict (values are loaded afterwards).
-            prefix: This module's name in ``state`` (unused: the shapes are the Conv2d's).
-
-        Returns:
-            A DCTConv2d of ``module``'s configuration.
-        """
-        del state, prefix
-        return cls.from_conv2d(module)
-
     @property
     def coefficients(self) -> Tensor:
         """The masked DCT coefficients the forward pass uses, shape of the kernel (detached)."""
@@ -169,6 +155,10 @@ class DCTConv2d(nn.Conv2d):
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: D102
         return self._conv_forward(input, idct2(self.weight), self.bias)
+
+
+# Checkpoints describe a DCTConv2d like a Conv2d (same arguments) and rebuild it on load.
+register_module_type(DCTConv2d, MODULE_TYPES["Conv2d"][1])
 
 
 def ineligible_reason(module: nn.Module) -> str | None:

@@ -118,6 +118,7 @@ def run_fdnp(
     resume: bool = False,
     data_dir: str | None = None,
     progress: bool = True,
+    device: str | Any | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Load a checkpoint and its dataset, run :func:`~woodfisher.frequency.fdnp`, write files.
@@ -128,6 +129,7 @@ def run_fdnp(
         resume: Continue from ``out``'s resume file.
         data_dir: Directory of the dataset files.
         progress: Progress bars on stderr.
+        device: Where to train (see :func:`woodfisher.device.resolve_device`); default CPU.
         **options: ``compression``, ``epochs``, ``band_adaptive``, ``seed`` and the fields of
             :class:`~woodfisher.frequency.fdnp.FDNPConfig`.
 
@@ -155,6 +157,10 @@ def run_fdnp(
     for p in paths.values():
         check_writable(p)
     model, info = load_checkpoint(checkpoint)
+    if device is not None:
+        from woodfisher.device import resolve_device
+
+        model.to(resolve_device(device))
     saved = info["dataset"]
     if not saved.get("dataset"):
         raise FDNPError(f"checkpoint {checkpoint} names no dataset to train on")
