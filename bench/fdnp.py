@@ -162,11 +162,46 @@ def tune(args: argparse.Namespace, console: Console) -> None:
     console.print(f"wrote {out}")
 
 
+def plot_band_profiles(result: dict[str, Any], path: Path) -> None:
+    """Kept coefficients per band (all 3×3 convs) of the frequency-domain runs, per ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from woodfisher.checkpoint import atomic_savefig
+
+    rows = [r for r in result["rows"] if "fdnp" in r["method"] and r.get("bands")]
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(6 * max(len(models), 1), 3.6),
+                             squeeze=False)
+    styles = {"fdnp": "-", "ba-fdnp": "--", "fdnp+woodfisher": ":"}
+    for ax, name in zip(axes[0], models, strict=False):
+        for r in (r for r in rows if r["model"] == name):
+            kept = r["bands"]["3x3"]["kept_fraction"]
+            ax.plot(range(len(kept)), [100 * f for f in kept], styles.get(r["method"], "-"),
+                    marker="o", color={4: "C0", 8: "C1", 16: "C2"}.get(r["ratio"], "k"),
+                    label=f"{r['method']} {r['ratio']}×")
+        ax.set_title(f"{name}: coefficients kept per band (all 3×3 convs)", fontsize=10)
+        ax.set_xlabel("frequency band u+v (0 = DC)")
+        ax.set_ylabel("kept (%)")
+        ax.set_xticks(range(5))
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    try:
+        atomic_savefig(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small subsets, 8× only")
     ap.add_argument("--tune", action="store_true", help="choose defaults on a validation split")
-    ap.add_argument("--models", default="cnn,resnet20")
+    ap.add_argument("--plot", action="store_true",
+                    help="only redraw the band picture from an existing --out JSON")
+    ap.add_argument("--models", default=None,
+                    help="comma-separated; default cnn,resnet20 (cnn with --quick)")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--dense-epochs", type=int, default=10,
                     help="epochs of the cached dense models (bench/common.py)")
@@ -189,10 +224,16 @@ def main() -> None:
         return
     mode = "quick" if args.quick else "full"
     out = args.out.with_name(args.out.stem + "_quick.json") if args.quick else args.out
+    png = out.with_name(out.stem.replace("fdnp", "fdnp-bands") + ".png")
+    if args.plot:
+        plot_band_profiles(json.loads(out.read_text()), png)
+        console.print(f"wrote {png}")
+        return
     t_start = time.perf_counter()
     result: dict[str, Any] = {"machine": machine_info(), "mode": mode, "lr": args.lr,
                               "settings": {}, "rows": [], "oneshot": []}
-    for name in args.models.split(","):
+    models = args.models or ("cnn" if args.quick else "cnn,resnet20")
+    for name in models.split(","):
         dense, info = dense_checkpoint(name, epochs=args.dense_epochs)
         splits = load_dataset("fashion-mnist", normalisation=info["dataset"])
         n_train, epochs, n_test = SETTINGS[mode][name]
@@ -222,6 +263,7 @@ def main() -> None:
     result["total_seconds"] = time.perf_counter() - t_start
     result["load_average_end"] = machine_info()["load_average"]
     atomic_save_json(result, out)
+    plot_band_profiles(result, png)
     print_tables(result, Console())
     console.print(f"wrote {out} in {result['total_seconds']:.0f} s")
 
