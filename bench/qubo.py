@@ -366,8 +366,7 @@ def main() -> None:
         result["accuracy"].append(acc)
         sub_effort = Effort(reads=16, sweeps=200, tabu_ms=5)
         result["solvers"].append(solver_study(
-            name, fisher, solver_budgets if not big else solver_budgets[:2] if not quick
-            else [0.1], effort, seeds, sub_count, sub_seeds, sub_effort, 0))
+            name, fisher, solver_budgets, effort, seeds, sub_count, sub_seeds, sub_effort, 0))
         result["total_seconds"] = time.perf_counter() - t_start
         atomic_save_json(result, out)
         log(f"{name} done; {result['total_seconds']:.0f} s so far")
