@@ -106,3 +106,15 @@ def test_cli_bad_input(ckpt, tmp_path, args, fragment):
     out = tmp_path / "bad.pt"
     cli_bad(["qubo", str(ckpt), *args, "--out", str(out), *FAST], fragment)
     assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_cli_defaults_are_the_librarys():
+    import inspect
+
+    from woodfisher.cli.qubo import qubo as command
+
+    cli = inspect.signature(command).parameters
+    lib = inspect.signature(compress).parameters
+    for name in ("budget", "objective", "solver", "constraint", "quantizer", "min_keep", "beta",
+                 "fill_budget"):
+        assert cli[name].default == lib[name].default, name

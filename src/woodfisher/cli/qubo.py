@@ -106,7 +106,7 @@ def qubo(
     min_keep: Annotated[
         float, typer.Option(help="Fraction of each layer's filters never pruned.")
     ] = 0.25,
-    beta: Annotated[float, typer.Option(help="Magnitude objective: weight of L_q.")] = 1.0,
+    beta: Annotated[float, typer.Option(help="Magnitude objective: weight of L_q.")] = 0.01,
     num_grads: Annotated[int, typer.Option(help="Gradients for the Fisher.")] = 500,
     reads: Annotated[int, typer.Option(help="Solver reads (GA/RL: population).")] = 64,
     sweeps: Annotated[

@@ -30,7 +30,7 @@ from torch import nn
 from woodfisher.params import effective_weight
 from woodfisher.pruning.masks import apply_masks
 from woodfisher.quant import fake_quantize_model
-from woodfisher.qubo.costs import Costs, qubo_costs
+from woodfisher.qubo.costs import MAGNITUDE_BETA, Costs, qubo_costs
 from woodfisher.qubo.formulation import (
     CONSTRAINTS,
     Decision,
@@ -170,7 +170,7 @@ def compress(
     fill_budget: bool = True,
     bits: Sequence[int] = (2, 8),
     min_keep: float = 0.25,
-    beta: float = 1.0,
+    beta: float = MAGNITUDE_BETA,
     layers: Sequence[str] | str | None = None,
     skip: Sequence[str] | str | None = None,
     no_prune: Sequence[str] | str | None = None,
