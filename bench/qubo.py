@@ -303,6 +303,50 @@ def print_tables(result: dict) -> None:
             out.print(t)
 
 
+def markdown(result: dict) -> str:
+    """The docs' tables from a result JSON."""
+    lines = []
+    for acc in result["accuracy"]:
+        lines += [f"**{acc['model']}**, test accuracy (%), dense {100 * acc['dense_accuracy']:.2f}"
+                  f" (fine-tuning: one epoch on {acc.get('finetune_images', '?')} images)", "",
+                  "| method | budget | size | no FT | 1 epoch FT | bits/pruned per layer |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for r in acc["rows"]:
+            plan = " ".join(f"{b}/{p}" for b, p, *_ in r.get("plan", [])) or "-"
+            ft = f"{100 * r['accuracy_ft1']:.2f}" if "accuracy_ft1" in r else "-"
+            lines.append(f"| {r['method']} | {r['budget']:.4f} | {r['size_ratio']:.4f} | "
+                         f"{100 * r['accuracy']:.2f} | {ft} | {plan} |")
+        lines.append("")
+    for st in result["solvers"]:
+        lines += [f"**{st['model']}**, formulated QUBOs (mean over seeds; gap to the best any "
+                  "solver found)", "",
+                  "| budget | form | vars | couplings | solver | energy gap | time (s) | "
+                  "objective | size |", "|---:|---|---:|---:|---|---:|---:|---:|---:|"]
+        for inst in st["instances"]:
+            for name in SOLVERS:
+                r = [x for x in inst["runs"] if x["solver"] == name]
+                lines.append(
+                    f"| {inst['budget']:.4f} | {inst['constraint']} | {inst['variables']} | "
+                    f"{inst['interactions']} | {name} | {np.mean([x['gap'] for x in r]):.3g} | "
+                    f"{np.mean([x['time_s'] for x in r]):.2f} | "
+                    f"{np.mean([x['objective_value'] for x in r]):.4g} | "
+                    f"{np.mean([x['size_ratio'] for x in r]):.4f} |")
+        lines.append("")
+        for sub in st["subproblems"]:
+            n = len({x["problem"] for x in sub["runs"]})
+            lines += [f"**{st['model']}**, {n} random 20-variable sub-problems of the "
+                      f"{sub['constraint']} QUBO at budget {sub['budget']} (ExactSolver "
+                      "certifies the optimum)", "",
+                      "| solver | success rate | mean gap | mean time (s) | TTS99 (s) |",
+                      "|---|---:|---:|---:|---:|"]
+            for x in sub["summary"]:
+                tts = "∞" if x["tts99_s"] is None else f"{x['tts99_s']:.4f}"
+                lines.append(f"| {x['solver']} | {x['success_rate']:.2f} | {x['mean_gap']:.3g} "
+                             f"| {x['time_s']:.4f} | {tts} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer budgets, seeds, sub-problems")
@@ -314,7 +358,14 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=None,
                     help="magnitude beta to use instead of choosing it on validation")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--table", type=Path, default=None,
+                    help="print the markdown tables of this result JSON and exit")
     args = ap.parse_args()
+    if args.table is not None:
+        import json
+
+        print(markdown(json.loads(args.table.read_text())))
+        return
     out = args.out or Path(f"bench/results/qubo{'_quick' if args.quick else ''}.json")
     t_start = time.perf_counter()
     torch.manual_seed(0)
