@@ -193,7 +193,8 @@ def qubo_run(model, costs, data, budget, quantizer, effort, seed):
     if quantizer == "obq":
         fisher = fisher_inverse(m, data, params=plan_modules(m, problem),
                                 num_grads=costs.options.get("num_grads"), block_size=128)
-    stored = apply_plan(m, problem, decision, quantizer, fisher)
+    example = next(iter(data))[0][:2]  # pruned channels silenced, as compress does
+    stored = apply_plan(m, problem, decision, quantizer, fisher, example)
     return m, {
         "size_ratio": problem.size_ratio(decision), "layers": layer_report(problem, decision),
         "objective_value": problem.objective_value(decision),

@@ -17,7 +17,14 @@ from woodfisher.checkpoint import load_checkpoint  # noqa: E402
 from woodfisher.compare import pruning_batches  # noqa: E402
 from woodfisher.data import load_dataset  # noqa: E402
 from woodfisher.params import effective_weight, select_modules  # noqa: E402
-from woodfisher.qubo import Effort, compress  # noqa: E402
+from woodfisher.qubo import (  # noqa: E402
+    Decision,
+    Effort,
+    apply_plan,
+    compress,
+    formulate,
+    qubo_costs,
+)
 
 FAST = ["--num-grads", "64", "--reads", "8", "--sweeps", "200", "-q"]
 CONTRACT = {"size_ratio", "layers", "energy", "solver", "solver_time_s"}
@@ -116,5 +123,28 @@ def test_cli_defaults_are_the_librarys():
     cli = inspect.signature(command).parameters
     lib = inspect.signature(compress).parameters
     for name in ("budget", "objective", "solver", "constraint", "quantizer", "min_keep", "beta",
-                 "fill_budget"):
+                 "fill_budget", "silence"):
         assert cli[name].default == lib[name].default, name
+
+
+def test_pruned_filters_are_silenced_and_shrink_removes_them(ckpt):
+    pytest.importorskip("torch_pruning")
+    from woodfisher.shrink import kept_channels, shrink
+
+    model, _ = load_checkpoint(ckpt)
+    x = load_dataset("digits").test.tensors[0][:16]
+    problem = formulate(qubo_costs(model, None, "magnitude"), 0.12)
+    pruned = {name: free[:3] for name, free in problem.free.items()}
+    plan = Decision({layer.name: 4 for layer in problem.costs.layers}, pruned)
+    plain = copy.deepcopy(model)
+    apply_plan(plain, problem, plan)
+    with pytest.raises(ValueError, match="nothing to shrink"):
+        shrink(plain, x)  # zero weights alone leave BatchNorm's shift on the channel
+    report = apply_plan(model, problem, plan, example_inputs=x[:2])
+    assert all(report[name]["silenced"] is None for name in pruned)
+    small = shrink(model, x)  # checks that its outputs equal the masked model's
+    kept = kept_channels(small)
+    for name, idx in pruned.items():
+        filters = effective_weight(select_modules(model)[name]).shape[0]
+        assert kept[name] == [i for i in range(filters) if i not in idx]
+        assert small.get_submodule(name).weight.shape[0] == filters - len(idx)

@@ -114,6 +114,12 @@ def qubo(
     ] = 1000,
     tabu_ms: Annotated[int, typer.Option(help="Tabu time per read (ms).")] = 20,
     fill_budget: Annotated[bool, typer.Option(help="Spend budget the solution leaves.")] = True,
+    silence: Annotated[
+        bool | None,
+        typer.Option("--silence/--no-silence",
+                     help="Mask pruned channels' bias/BatchNorm too, so `shrink` can remove them "
+                          "(default: on)."),
+    ] = None,
     layers: Annotated[list[str] | None, typer.Option(help="Module name patterns.")] = None,
     skip: Annotated[list[str] | None, typer.Option(help="Module name patterns to skip.")] = None,
     no_prune: Annotated[
@@ -176,7 +182,8 @@ def qubo(
     log(f"formulating ({objective}) and solving ({solver}) ...")
     result = compress(
         compressed, batches, budget=budget, objective=objective, solver=solver, seed=seed,
-        constraint=constraint, quantizer=quantizer, fill_budget=fill_budget, bits=bit_range,
+        constraint=constraint, quantizer=quantizer, fill_budget=fill_budget, silence=silence,
+        bits=bit_range,
         min_keep=min_keep, beta=beta, num_grads=num_grads, effort=effort,
         progress=not quiet, **options,
     )

@@ -31,6 +31,7 @@ from woodfisher.qubo.apply import (
     layer_report,
     plan_masks,
     plan_modules,
+    silence_channels,
 )
 from woodfisher.qubo.costs import OBJECTIVES, Costs, LayerCosts, qubo_costs
 from woodfisher.qubo.formulation import (
@@ -67,6 +68,7 @@ __all__ = [
     "apply_plan",
     "plan_masks",
     "plan_modules",
+    "silence_channels",
     "layer_report",
     "genetic",
     "reinforce",

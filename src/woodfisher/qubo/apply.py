@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import dimod
 import torch
@@ -92,12 +92,68 @@ def plan_masks(problem: QuboProblem, decision: Decision) -> dict[str, torch.Tens
     return masks
 
 
+def silence_channels(
+    model: nn.Module, channels: Mapping[str, Sequence[int]], example_inputs: object
+) -> dict[str, str | None]:
+    """Make pruned filters' channels carry exact zeros: mask their bias and BatchNorm entries.
+
+    Zeroed weights alone leave a BatchNorm'd channel at the constant ``β − γμ/σ``; masking the
+    producer's bias and the BatchNorm scale and shift of the channel (``torch.nn.utils.prune``
+    state, as ``pattern="channels"`` pruning does) makes it exactly 0, so that
+    :func:`woodfisher.shrink.shrink` can remove it. Channels whose group is not removable (a
+    residual add ties them to other layers) are left as they are.
+
+    Args:
+        model: The model (changed in place).
+        channels: Layer name to the output channels to silence.
+        example_inputs: A batch the model accepts (traced once with Torch-Pruning).
+
+    Returns:
+        Layer name to None (silenced) or why it was left alone.
+
+    Raises:
+        ValueError: If torch-pruning is missing or the model cannot be traced.
+    """
+    from torch.nn.utils import prune as tprune
+
+    from woodfisher.pruning.channels import trace_channels
+
+    todo = {n: list(c) for n, c in channels.items() if len(c)}
+    if not todo:
+        return {}
+    _, _, deps = trace_channels(model, example_inputs)
+    mods = dict(model.named_modules())
+    out: dict[str, str | None] = {}
+    for name, idx in todo.items():
+        info = deps.get(name)
+        reason = "not traced" if info is None else info.reason
+        out[name] = reason
+        if reason is not None and not reason.startswith("no layer reads"):
+            continue
+        params = [(name, "bias")] + [(bn, p) for bn in info.norms for p in ("weight", "bias")]
+        for mod_name, pname in params:
+            mod = mods[mod_name]
+            if getattr(mod, pname, None) is None:
+                continue
+            current = getattr(mod, f"{pname}_orig", getattr(mod, pname))
+            mask = torch.ones_like(current)
+            mask[idx] = 0
+            tprune.custom_from_mask(mod, pname, mask)
+            with torch.no_grad():
+                orig = getattr(mod, f"{pname}_orig")
+                orig.mul_(getattr(mod, f"{pname}_mask"))
+                setattr(mod, pname, orig * getattr(mod, f"{pname}_mask"))
+        out[name] = None
+    return out
+
+
 def apply_plan(
     model: nn.Module,
     problem: QuboProblem,
     decision: Decision,
     quantizer: str = "rtn",
     fisher: object | None = None,
+    example_inputs: object | None = None,
 ) -> dict[str, dict[str, int]]:
     """Prune and quantize ``model`` in place as ``decision`` says.
 
@@ -108,9 +164,13 @@ def apply_plan(
         quantizer: ``"rtn"`` or ``"obq"``.
         fisher: For ``"obq"``: a :class:`woodfisher.FisherInverse` of ``model``'s weights,
             built before this call.
+        example_inputs: A batch of inputs: when given, pruned channels are also silenced
+            (:func:`silence_channels`), so that :func:`woodfisher.shrink.shrink` can remove
+            them; None leaves biases and BatchNorm alone.
 
     Returns:
-        Per layer: ``bits`` and ``storage_bits`` (weights and per-channel scales).
+        Per layer: ``bits``, ``storage_bits`` (weights and per-channel scales) and, for layers
+        with pruned filters when silencing, ``silenced`` (None, or why not).
 
     Raises:
         ValueError: On an unknown quantizer or ``"obq"`` without ``fisher``.
@@ -119,19 +179,24 @@ def apply_plan(
 
     if quantizer not in QUANTIZERS:
         raise ValueError(f"unknown quantizer {quantizer!r}; choose from {list(QUANTIZERS)}")
+    if quantizer == "obq" and fisher is None:
+        raise ValueError("quantizer='obq' needs fisher=fisher_inverse(model, data, ...)")
     modules = plan_modules(model, problem)
     masks = plan_masks(problem, decision)
     if quantizer == "rtn":
         apply_masks(model, modules, masks)
-        return fake_quantize_model(modules, decision.bits)
-    if fisher is None:
-        raise ValueError("quantizer='obq' needs fisher=fisher_inverse(model, data, ...)")
-    new = obq_weights(fisher, decision.bits, masks)
-    apply_masks(model, modules, masks, new_weights=new)
-    return {
-        name: {"bits": int(b), "storage_bits": storage_bits(new[name], b)}
-        for name, b in decision.bits.items()
-    }
+        report = fake_quantize_model(modules, decision.bits)
+    else:
+        new = obq_weights(fisher, decision.bits, masks)
+        apply_masks(model, modules, masks, new_weights=new)
+        report = {
+            name: {"bits": int(b), "storage_bits": storage_bits(new[name], b)}
+            for name, b in decision.bits.items()
+        }
+    if example_inputs is not None:
+        for name, why in silence_channels(model, decision.pruned, example_inputs).items():
+            report[name]["silenced"] = why
+    return report
 
 
 def layer_report(problem: QuboProblem, decision: Decision) -> list[dict[str, object]]:
@@ -168,6 +233,7 @@ def compress(
     constraint: str = "lagrange",
     quantizer: str = "rtn",
     fill_budget: bool = True,
+    silence: bool | None = None,
     bits: Sequence[int] = (2, 8),
     min_keep: float = 0.25,
     beta: float = MAGNITUDE_BETA,
@@ -195,6 +261,9 @@ def compress(
             (exact slack penalty).
         quantizer: ``"rtn"`` (round to nearest) or ``"obq"`` (OBS-compensated).
         fill_budget: Spend the budget the solution leaves with :func:`woodfisher.qubo.fill`.
+        silence: Also mask pruned channels' bias and BatchNorm entries so that
+            :func:`woodfisher.shrink.shrink` can remove them (needs torch-pruning and a batch
+            of ``data`` to trace); default: when ``data`` is given.
         bits: Lowest and highest width a layer may get.
         min_keep: Fraction of each prunable layer's filters never pruned.
         beta: Weight of the magnitude objective's quantization term.
@@ -233,6 +302,9 @@ def compress(
         raise ValueError(f"unknown quantizer {quantizer!r}; choose from {list(QUANTIZERS)}")
     if quantizer == "obq" and data is None:
         raise ValueError("quantizer='obq' needs data: batches of (inputs, targets)")
+    if silence and data is None:
+        raise ValueError("silence=True needs data: a batch of inputs to trace the channels")
+    silence = data is not None if silence is None else silence
     effort = effort or Effort()
     times: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -270,13 +342,22 @@ def compress(
         fisher = fisher_inverse(model, data, params=plan_modules(model, problem),
                                 num_grads=num_grads,
                                 block_size=block_size, seed=seed)  # the engine's damp
-    stored = apply_plan(model, problem, decision, quantizer, fisher)
+    example = None
+    if silence and any(decision.pruned.values()):
+        from woodfisher.gradients import iter_batches
+
+        example = next(iter_batches(data))[0][:2]
+    stored = apply_plan(model, problem, decision, quantizer, fisher, example)
     times["apply"] = time.perf_counter() - t0
     fp32 = problem.fp32_bits
     storage = sum(s["storage_bits"] for s in stored.values())
     return {
         "size_ratio": problem.size_ratio(decision),
-        "layers": layer_report(problem, decision),
+        "layers": [
+            {**row, **({"silenced": stored[row["name"]]["silenced"]}
+                       if "silenced" in stored[row["name"]] else {})}
+            for row in layer_report(problem, decision)
+        ],
         "energy": pick["energy"],
         "solver": run.solver,
         "solver_time_s": solver_time,
@@ -298,7 +379,7 @@ def compress(
         "options": {
             "budget": budget, "objective": objective, "solver": run.solver, "seed": seed,
             "constraint": constraint, "quantizer": quantizer, "bits": list(costs.bits),
-            "fill_budget": fill_budget,
+            "fill_budget": fill_budget, "silence": silence,
             "min_keep": min_keep, "size_unit": problem.size_unit,
             "effort": {"reads": effort.reads, "sweeps": effort.sweeps,
                        "tabu_ms": effort.tabu_ms},
