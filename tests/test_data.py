@@ -172,7 +172,7 @@ def test_as_batches_shuffle_is_seeded_and_complete():
 def test_as_batches_rejects_bad_input():
     with pytest.raises(ValueError, match="batch_size"):
         list(as_batches(synthetic(), 0))
-    with pytest.raises(ValueError, match=r"\(x, y\)"):
+    with pytest.raises(ValueError, match=r"\(inputs, targets\)"):
         list(as_batches([torch.zeros(3)], 2))
     with pytest.raises(ValueError, match="cannot make batches"):
         list(as_batches(42, 2))

@@ -93,10 +93,11 @@ def mean_gradient(
         >>> mean_gradient(net, (torch.randn(5, 2), torch.tensor([0, 1, 0, 1, 1]))).shape
         torch.Size([4])
     """
+    from woodfisher.batch import batch_len, call_model, default_loss, take, to_device
     from woodfisher.gradients import _EvalMode, gradient_layout, iter_batches
     from woodfisher.params import weight_param
 
-    loss_fn = loss_fn or nn.functional.cross_entropy
+    loss_fn = loss_fn or default_loss
     modules, _ = gradient_layout(model, params)
     weights = [weight_param(m) for m in modules.values()]
     dtype, device = weights[0].dtype, weights[0].device
@@ -107,10 +108,10 @@ def mean_gradient(
             if max_samples is not None and count >= max_samples:
                 break
             if max_samples is not None:
-                x, y = x[: max_samples - count], y[: max_samples - count]
-            x = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
-            n = x.shape[0]
-            loss = loss_fn(model(x), y.to(device)) * n
+                x, y = take(x, slice(0, max_samples - count)), y[: max_samples - count]
+            x = to_device(x, device, dtype)
+            n = batch_len(x)
+            loss = loss_fn(call_model(model, x), y.to(device)) * n
             for t, g in zip(total, torch.autograd.grad(loss, weights, allow_unused=True),
                             strict=True):
                 if g is not None:
@@ -378,7 +379,7 @@ def fisher_inverse(
     method: str = "woodfisher",
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     *,
-    params: Sequence[str] | dict[str, nn.Module] | None = None,
+    params: Sequence[str] | str | dict | None = None,
     layers: Sequence[str] | str | None = None,
     skip: Sequence[str] | str | None = None,
     num_grads: int | None = None,
@@ -426,7 +427,12 @@ def fisher_inverse(
             for K-FAC, ``params`` with ``layers``/``skip``, or bad data (see
             :func:`woodfisher.gradients.sample_gradients`).
     """
-    from woodfisher.gradients import _param_names, gradient_layout, sample_gradients
+    from woodfisher.gradients import (
+        _param_names,
+        gradient_layout,
+        param_patterns,
+        sample_gradients,
+    )
     from woodfisher.params import select_modules
 
     kind = _ALIASES.get(method, method)
@@ -441,12 +447,13 @@ def fisher_inverse(
             f"relative_damp={relative_damp!r})"
         )
     if layers is not None or skip is not None:
-        if params is not None:
+        if isinstance(params, dict):
             raise ValueError(
-                "give params or layers/skip, not both (params names the modules exactly; "
-                "layers and skip select them by pattern, as prune does)"
+                "give a dict of params or layers/skip, not both (the dict names the weights "
+                "exactly; layers and skip select them by pattern, as prune does)"
             )
-        params = select_modules(model, layers, skip)
+        patterns = None if params is None else param_patterns(model, params)
+        params = select_modules(model, layers, skip, patterns)
     modules, layout = gradient_layout(model, params)
     present = flat_masks(modules)
     common = {"param_names": tuple(_param_names(model, modules)), "loss_fn": loss_fn}

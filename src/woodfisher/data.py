@@ -370,15 +370,10 @@ def synthetic(
 # --------------------------------------------------------------------------- batching
 
 
-def _check_batch(batch: object, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        x, y = batch[0], batch[1]
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-            return x, y
-    raise ValueError(
-        f"batch {index} is a {type(batch).__name__}; expected an (x, y) pair of tensors "
-        "(a torch Dataset, a DataLoader, or an iterable of (x, y) batches)"
-    )
+def _check_batch(batch: object, index: int) -> tuple[object, torch.Tensor]:
+    from woodfisher.batch import split_batch
+
+    return split_batch(batch, index)
 
 
 def as_batches(
@@ -401,7 +396,8 @@ def as_batches(
         seed: Seed of the shuffling.
 
     Yields:
-        ``(x, y)`` tensor pairs (extra items of a batch are dropped).
+        ``(inputs, targets)`` pairs (extra items of a batch are dropped; inputs are a tensor,
+        a tuple or a dict, see :func:`woodfisher.batch.split_batch`).
 
     Raises:
         ValueError: If ``batch_size`` is not positive, or a batch is not an (x, y) pair.

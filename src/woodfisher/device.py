@@ -95,15 +95,18 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def to_device(batch: tuple, device: torch.device) -> tuple:
-    """Move an ``(inputs, targets)`` pair to ``device`` (no copy when already there).
+    """Move an ``(inputs, targets)`` pair to ``device`` (no copy when already there); inputs
+    may be a tensor, a tuple or a dict (see :mod:`woodfisher.batch`).
 
     Returns:
         The pair on ``device``.
     """
+    from woodfisher.batch import to_device as inputs_to
+
     x, y = batch[0], batch[1]
     non_blocking = device.type == "cuda"
     return (
-        x.to(device, non_blocking=non_blocking) if isinstance(x, torch.Tensor) else x,
+        inputs_to(x, device, non_blocking=non_blocking),
         y.to(device, non_blocking=non_blocking) if isinstance(y, torch.Tensor) else y,
     )
 

@@ -7,59 +7,98 @@ The rows are what the empirical Fisher is built from (see ``DESIGN.md``):
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from woodfisher.params import Layout, select_modules, weight_mask, weight_param
+from woodfisher.batch import (
+    Inputs,
+    batch_len,
+    call_functional,
+    cat,
+    default_loss,
+    describe,
+    map_tensors,
+    split_batch,
+    take,
+    to_device,
+)
+from woodfisher.params import Layout, Target, select_modules, weight_mask, weight_param
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+LossFn = Callable[[object, Tensor], Tensor]
+logger = logging.getLogger(__name__)
 
 
 def resolve_modules(
-    model: nn.Module, params: Sequence[str] | dict[str, nn.Module] | None = None
-) -> dict[str, nn.Module]:
-    """The modules whose weights take part.
+    model: nn.Module, params: Sequence[str] | str | dict[str, Target | nn.Module] | None = None
+) -> dict[str, Target]:
+    """The weights that take part.
 
     Args:
         model: The network.
-        params: None for every Linear/Conv layer, a list of module names, or a dict from
-            :func:`woodfisher.params.select_modules`.
+        params: None for the default selection (:func:`woodfisher.params.select_params`), a
+            dict of targets (or of modules, standing for their ``weight``), or names: full
+            parameter name patterns (``"fc1.weight"``, ``"*.in_proj_weight"``) or module names
+            (``"fc1"``, standing for that module's weight).
 
     Returns:
-        Module name to module, in order.
+        Layout name to target, in order.
 
     Raises:
-        ValueError: If a name is not a submodule of ``model`` or the list is empty.
+        ValueError: If a name matches nothing or the list is empty.
     """
     if params is None:
         return select_modules(model)
     if isinstance(params, dict):
-        return dict(params)
+        return {
+            n: t if isinstance(t, Target) else _module_target(model, n, t)
+            for n, t in params.items()
+        }
+    return select_modules(model, params=param_patterns(model, params))
+
+
+def param_patterns(model: nn.Module, params: Sequence[str] | str) -> list[str]:
+    """Parameter name patterns from names that may also be module names (``"fc1"`` stands for
+    ``"fc1.weight"``).
+
+    Returns:
+        Patterns for :func:`woodfisher.params.select_params`'s ``params``.
+
+    Raises:
+        ValueError: If the list is empty.
+    """
     if isinstance(params, str):
         params = [params]
-    named = dict(model.named_modules())
-    missing = [n for n in params if n not in named]
-    if missing:
-        available = sorted(n for n in named if n)
-        raise ValueError(f"unknown module names {missing}; available: {available}")
     if not params:
-        raise ValueError("params is an empty list; pass None to select every Linear/Conv layer")
-    return {n: named[n] for n in params}
+        raise ValueError("params is an empty list; pass None for the default selection")
+    named = dict(model.named_modules())
+    return [
+        (f"{p}.weight" if p else "weight") if p in named and hasattr(named[p], "weight") else p
+        for p in params
+    ]
+
+
+def _module_target(model: nn.Module, name: str, module: nn.Module) -> Target:
+    for t in select_modules(model, params=f"{name}.weight" if name else "weight").values():
+        if t.module is module:
+            return t
+    raise ValueError(f"module {name!r} has no prunable weight")
 
 
 def gradient_layout(
-    model: nn.Module, params: Sequence[str] | dict[str, nn.Module] | None = None
-) -> tuple[dict[str, nn.Module], Layout]:
-    """The modules and the flat layout that :func:`sample_gradients` uses for its columns.
+    model: nn.Module, params: Sequence[str] | str | dict[str, Target | nn.Module] | None = None
+) -> tuple[dict[str, Target], Layout]:
+    """The targets and the flat layout that :func:`sample_gradients` uses for its columns.
 
     Returns:
-        ``(modules, layout)``; ``layout.d`` is the number of columns of the gradients.
+        ``(targets, layout)``; ``layout.d`` is the number of columns of the gradients.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -70,26 +109,33 @@ def gradient_layout(
     return modules, Layout.of(modules)
 
 
-def iter_batches(data: object) -> Iterator[tuple[Tensor, Tensor]]:
-    """Turn ``data`` into a stream of ``(x, y)`` batches.
+def iter_batches(data: object) -> Iterator[tuple[Inputs, Tensor]]:
+    """Turn ``data`` into a stream of ``(inputs, targets)`` batches.
 
     A ``torch.utils.data.Dataset`` (not a DataLoader) yields single samples, which become
     batches of one; a pair ``(X, Y)`` of tensors is one batch; anything else is iterated as
-    batches.
+    batches (see :func:`woodfisher.batch.split_batch` for the forms a batch may take).
 
     Args:
-        data: A Dataset, a DataLoader, an iterable of ``(x, y)`` batches or a pair of tensors.
+        data: A Dataset, a DataLoader, an iterable of batches or a pair of tensors.
 
     Yields:
-        ``(x, y)`` with a leading batch dimension.
+        ``(inputs, targets)`` with a leading batch dimension.
 
     Raises:
-        ValueError: If an item is not an ``(x, y)`` pair.
+        ValueError: If an item is not a batch.
     """
     if isinstance(data, Dataset) and not isinstance(data, DataLoader):
         for i in range(len(data)):  # type: ignore[arg-type]
-            x, y = data[i]
-            yield torch.as_tensor(x).unsqueeze(0), torch.as_tensor(y).reshape(1)
+            item = data[i]
+            if isinstance(item, (tuple, list)) and len(item) >= 2:
+                x0 = item[0]
+                x0 = x0 if isinstance(x0, (dict, tuple, list)) else torch.as_tensor(x0)
+                item = (x0, torch.as_tensor(item[1]))
+            elif isinstance(item, dict):
+                item = {k: torch.as_tensor(v) for k, v in item.items()}
+            inputs, y = split_batch(item, i)
+            yield map_tensors(inputs, lambda t: t.unsqueeze(0)), y.reshape(1, *y.shape)
         return
     if (
         isinstance(data, (tuple, list))
@@ -99,42 +145,36 @@ def iter_batches(data: object) -> Iterator[tuple[Tensor, Tensor]]:
     ):
         yield data[0], data[1]
         return
-    for item in data:  # type: ignore[attr-defined]
-        if not isinstance(item, (tuple, list)) or len(item) < 2:
-            raise ValueError(
-                f"data must yield (x, y) batches, got an item of type {type(item).__name__}"
-            )
-        x, y = item[0], item[1]
-        yield torch.as_tensor(x), torch.as_tensor(y)
+    for i, item in enumerate(data):  # type: ignore[attr-defined]
+        yield split_batch(item, i)
 
 
 def take_samples(
-    stream: Iterator[tuple[Tensor, Tensor]], n: int, buffer: list
-) -> tuple[Tensor, Tensor] | None:
+    stream: Iterator[tuple[Inputs, Tensor]], n: int, buffer: list
+) -> tuple[Inputs, Tensor] | None:
     """Pull exactly ``n`` samples from ``stream`` (leftovers stay in ``buffer``).
 
     Returns:
-        ``(x, y)`` with ``n`` rows, or None if the stream ran out first (``buffer`` then holds
-        what was found).
+        ``(inputs, targets)`` with ``n`` rows, or None if the stream ran out first (``buffer``
+        then holds what was found).
     """
-    have = sum(b[0].shape[0] for b in buffer)
+    have = sum(batch_len(b[0]) for b in buffer)
     while have < n:
         try:
             x, y = next(stream)
         except StopIteration:
             return None
         buffer.append((x, y))
-        have += x.shape[0]
-    x = torch.cat([b[0] for b in buffer])
+        have += batch_len(x)
+    x = cat([b[0] for b in buffer])
     y = torch.cat([b[1] for b in buffer])
     buffer.clear()
-    if x.shape[0] > n:
-        buffer.append((x[n:], y[n:]))
-    return x[:n], y[:n]
+    if batch_len(x) > n:
+        buffer.append((take(x, slice(n, None)), y[n:]))
+    return take(x, slice(0, n)), y[:n]
 
 
-def _default_loss(out: Tensor, y: Tensor) -> Tensor:
-    return nn.functional.cross_entropy(out, y)
+_default_loss = default_loss
 
 
 class _EvalMode:
@@ -153,7 +193,7 @@ class _EvalMode:
             m.training = mode
 
 
-def _param_names(model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
+def _param_names(model: nn.Module, modules: dict[str, Target]) -> list[str]:
     """Full parameter names (``fc1.weight`` or ``fc1.weight_orig``) of the selected weights."""
     ids = {id(p): n for n, p in model.named_parameters()}
     names = []
@@ -171,7 +211,7 @@ def sample_gradients(
     loss_fn: LossFn | None = None,
     num_grads: int = 100,
     samples_per_grad: int = 1,
-    params: Sequence[str] | dict[str, nn.Module] | None = None,
+    params: Sequence[str] | str | dict[str, Target | nn.Module] | None = None,
     seed: int = 0,
     chunk_size: int = 64,
     progress: bool = False,
@@ -224,12 +264,21 @@ def sample_gradients(
     first = weight_param(next(iter(modules.values())))
     device, dtype = first.device, first.dtype
 
-    def loss_of(weights: tuple[Tensor, ...], x: Tensor, y: Tensor) -> Tensor:
+    def loss_of(weights: tuple[Tensor, ...], x: Inputs, y: Tensor) -> Tensor:
         full = dict(state)
         full.update(zip(names, weights, strict=True))
-        return loss_fn(functional_call(model, full, (x,)), y)
+        return loss_fn(call_functional(model, full, x), y)
 
     per_row = vmap(grad(loss_of), in_dims=(None, 0, 0))
+    row_grad = grad(loss_of)
+
+    def looped(weights: tuple[Tensor, ...], x: Inputs, y: Tensor) -> tuple[Tensor, ...]:
+        # For models with data-dependent Python control flow (Hugging Face attention masks
+        # check ``mask.all()``), which vmap cannot batch: the same gradients, one row at a time.
+        rows = [row_grad(weights, take(x, i), y[i]) for i in range(y.shape[0])]
+        return tuple(torch.stack(parts) for parts in zip(*rows, strict=True))
+
+    vectorised = True
     weights = tuple(state[n] for n in names)
     s = samples_per_grad
     out = torch.empty(num_grads, layout.d, dtype=dtype, device=device)
@@ -248,11 +297,26 @@ def sample_gradients(
                     f"{num_grads * s} samples, found {found}"
                 )
             x, y = got
-            x = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+            x = to_device(x, device, dtype)
             y = y.to(device)
-            x = x.reshape(rows, s, *x.shape[1:])
+            x = map_tensors(x, lambda t, r=rows: t.reshape(r, s, *t.shape[1:]) if t.ndim else t)
             y = y.reshape(rows, s, *y.shape[1:])
-            grads = per_row(weights, x, y)
+            try:
+                grads = per_row(weights, x, y) if vectorised else looped(weights, x, y)
+            except Exception as err:  # noqa: BLE001 - the model's own errors, named
+                grads = None
+                if vectorised:
+                    with contextlib.suppress(Exception):
+                        grads = looped(weights, x, y)
+                    if grads is not None:
+                        vectorised = False
+                        logger.info("vmap failed (%s); per-sample gradients row by row", err)
+                        bar.set_description("gradients (row by row)")
+                if grads is None:
+                    raise ValueError(
+                        f"per-sample gradients failed on inputs {describe(x)} (rows × samples "
+                        f"× ...): {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                    ) from err
             flat = []
             for g, mask in zip(grads, masks, strict=True):
                 # The mask already zeroes these through the forward pre-hook; multiply anyway so

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from woodfisher.batch import call_model, default_loss, predictions, take
 from woodfisher.checkpoint import (
     atomic_save_json,
     atomic_savefig,
@@ -76,8 +77,9 @@ RESUME_FORMAT = "woodfisher-gradual-v1"
 
 # prune() options a config may carry; seed, loss_fn and progress are set by gradual() itself.
 PRUNE_OPTIONS = (
-    "layers", "skip", "scope", "layer_sparsity", "update", "num_grads", "samples_per_grad",
-    "block_size", "damp", "relative_damp", "recompute", "pattern", "target", "taylor",
+    "layers", "skip", "params", "scope", "layer_sparsity", "update", "num_grads",
+    "samples_per_grad", "block_size", "damp", "relative_damp", "recompute", "pattern", "target",
+    "taylor",
 )
 
 # The relative damp of the block-wise empirical Fisher pruners (woodfisher, woodtaylor) inside
@@ -288,7 +290,7 @@ def _prune_batches(data: Any, n: int, config: GradualConfig, epoch: int) -> list
     shuffled = as_batches(data, config.batch_size, shuffle=True,
                           seed=_seed(config.seed, epoch, "prune"))
     for x, y in shuffled:
-        out.append((x[: n - taken], y[: n - taken]))
+        out.append((take(x, slice(0, n - taken)), y[: n - taken]))
         taken += len(out[-1][1])
         if taken >= n:
             break
@@ -348,7 +350,7 @@ def gradual(
     from woodfisher.train import evaluate
 
     steps = config.steps()
-    loss_fn = loss_fn or nn.functional.cross_entropy
+    loss_fn = loss_fn or default_loss
     train_data = take_subset(train_data, config.train_subset, GradualError)
     prune_n = _prune_sample_count(config)
     resume_path = Path(resume_path) if resume_path is not None else None
@@ -367,7 +369,10 @@ def gradual(
         history = state["history"]
         first_epoch = resumed_from = int(state["next_epoch"])
     modules = select_modules(
-        model, config.prune_options.get("layers"), config.prune_options.get("skip")
+        model,
+        config.prune_options.get("layers"),
+        config.prune_options.get("skip"),
+        config.prune_options.get("params"),
     )
     optimizer = torch.optim.SGD(
         ordered_params(model), lr=config.lr, momentum=config.momentum,
@@ -443,7 +448,7 @@ def _fine_tune_epoch(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            out = model(x)
+            out = call_model(model, x)
             loss = loss_fn(out, y)
             if not torch.isfinite(loss):
                 raise GradualError(
@@ -456,7 +461,7 @@ def _fine_tune_epoch(
             enforce_masks(model, optimizer)
             n += len(y)
             loss_sum += float(loss.detach()) * len(y)
-            correct += int((out.argmax(1) == y).sum())
+            correct += int((predictions(out) == y).sum())
             if progress:
                 bar.set_postfix(loss=f"{loss_sum / n:.4f}", acc=f"{correct / n:.3f}",
                                 sparsity=f"{sparsity:.3f}", refresh=False)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from woodfisher.batch import call_model, default_loss, predictions, to_device
 from woodfisher.data import as_batches
 from woodfisher.models import check_input
 
@@ -163,7 +164,7 @@ def train(
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     lr_at(0, 1, lr, schedule)  # validates the schedule name
-    loss_fn = loss_fn or nn.functional.cross_entropy
+    loss_fn = loss_fn or default_loss
     if device is None:
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
@@ -186,14 +187,14 @@ def train(
                    file=sys.stderr, disable=not progress, leave=False, dynamic_ncols=True)
         running, count = 0.0, 0
         for x, y in bar:
-            x, y = x.to(device), y.to(device)
-            if step == 0:
+            x, y = to_device(x, device), y.to(device)
+            if step == 0 and isinstance(x, torch.Tensor):
                 check_input(model, x)
             if total:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total, lr, schedule)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(call_model(model, x), y)
             loss.backward()
             optimizer.step()
             enforce_masks(model, optimizer)
@@ -235,7 +236,7 @@ def evaluate(
     Raises:
         ValueError: If the data is empty or does not fit the model.
     """
-    loss_fn = loss_fn or nn.functional.cross_entropy
+    loss_fn = loss_fn or default_loss
     if device is None:
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
@@ -244,11 +245,12 @@ def evaluate(
     correct, total_loss, n = 0, 0.0, 0
     try:
         for x, y in as_batches(data, batch_size):
-            x, y = x.to(device), y.to(device)
-            check_input(model, x)
-            logits = model(x)
-            total_loss += float(loss_fn(logits, y)) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            x, y = to_device(x, device), y.to(device)
+            if isinstance(x, torch.Tensor):
+                check_input(model, x)
+            out = call_model(model, x)
+            total_loss += float(loss_fn(out, y)) * len(y)
+            correct += int((predictions(out) == y).sum())
             n += len(y)
     finally:
         model.train(was_training)
@@ -259,25 +261,39 @@ def evaluate(
 
 @torch.no_grad()
 def sparsity_report(model: nn.Module) -> dict[str, Any]:
-    """Zeros in the weights of every Linear and Conv layer (effective weights, masks applied).
+    """Zeros in every weight the default selection prunes (effective weights, masks applied).
+
+    That is every weight of Linear, convolution, attention and recurrent layers (see
+    :func:`woodfisher.params.select_params`), plus any other tensor that carries a pruning mask
+    (an embedding pruned with ``params=``).
 
     Args:
         model: The model.
 
     Returns:
-        ``{"layers": [{"name", "shape", "numel", "zeros", "sparsity"}, ...], "numel", "zeros",
-        "sparsity"}``, where the totals cover those layers' weights (not biases or BatchNorm).
+        ``{"layers": [{"name", "kind", "shape", "numel", "zeros", "sparsity"}, ...], "numel",
+        "zeros", "sparsity"}``, where the totals cover those weights (not biases or BatchNorm).
     """
+    from woodfisher.params import effective_weight, select_params
+
+    try:
+        targets = list(select_params(model).targets.values())
+    except ValueError:  # a model with no prunable weight
+        targets = []
+    masked = {name for name, _, _ in masked_parameters(model)}
+    chosen = {t.param_name for t in targets}
+    extra = masked - chosen
+    if extra:
+        targets += [
+            t for t in select_params(model, params=sorted(extra)).targets.values()
+            if t.param_name in extra
+        ]
     layers, numel, zeros = [], 0, 0
-    conv_linear = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    for name, module in model.named_modules():
-        if not isinstance(module, conv_linear):
-            continue
-        orig, mask = getattr(module, "weight_orig", None), getattr(module, "weight_mask", None)
-        weight = orig * mask if orig is not None and mask is not None else module.weight
+    for t in targets:
+        weight = effective_weight(t)
         n, z = weight.numel(), int((weight == 0).sum())
-        layers.append({"name": f"{name}.weight", "shape": list(weight.shape), "numel": n,
-                       "zeros": z, "sparsity": z / n if n else 0.0})
+        layers.append({"name": t.param_name, "kind": t.kind, "shape": list(weight.shape),
+                       "numel": n, "zeros": z, "sparsity": z / n if n else 0.0})
         numel += n
         zeros += z
     return {"layers": layers, "numel": numel, "zeros": zeros,

@@ -213,6 +213,12 @@ def _pattern_sparsity(pattern: str, sparsity: float | None, default: float) -> f
     return None if parse_pattern(pattern).kind == "nm" else default
 
 
+PARAMS_HELP = (
+    "Parameter name patterns to prune instead of the default selection (e.g. '*.weight', "
+    "'encoder.*.in_proj_weight'); repeat the option for several. Embeddings only this way."
+)
+
+
 RECOMPUTE_HELP = (
     "Steps to reach the target with fresh curvature between them, or 'auto' (no "
     "step removes more than a quarter of the remaining weights)."

@@ -15,6 +15,7 @@ from woodfisher.cli.common import (
     DATA_DIR_HELP,
     GRADUAL_RELATIVE_DAMP_HELP,
     METHOD_HELP,
+    PARAMS_HELP,
     PATTERN_HELP,
     RECOMPUTE_HELP,
     RELATIVE_DAMP_HELP,
@@ -61,7 +62,10 @@ def prune(
     relative_damp: Annotated[float | None, typer.Option(help=RELATIVE_DAMP_HELP)] = None,
     recompute: Annotated[str, typer.Option(help=RECOMPUTE_HELP)] = _DEFAULTS["recompute"],
     layers: Annotated[list[str] | None, typer.Option(help="Module name patterns to prune.")] = None,
-    skip: Annotated[list[str] | None, typer.Option(help="Module name patterns to skip.")] = None,
+    skip: Annotated[
+        list[str] | None, typer.Option(help="Module or parameter name patterns to skip.")
+    ] = None,
+    params: Annotated[list[str] | None, typer.Option(help=PARAMS_HELP)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sample draw.")] = 0,
     data_dir: Annotated[Path | None, typer.Option(help=DATA_DIR_HELP)] = None,
     out: Annotated[Path | None, typer.Option(help="Pruned checkpoint to write (and OUT.json).")] = (
@@ -113,6 +117,7 @@ def prune(
         recompute=_parse_recompute(recompute),
         layers=layers or None,
         skip=skip or None,
+        params=params or None,
         seed=seed,
         progress=not quiet,
     )
@@ -168,13 +173,20 @@ def prune(
     console = _stdout()
     table = Table(title=f"{method} ({result.update} update), pattern {result.pattern}, to "
                   f"{result.steps[-1]:.0%} of the {result.target}")
-    for col in ("layer", "shape", "params", "sparsity"):
-        table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
+    for col in ("layer", "kind", "shape", "params", "sparsity"):
+        table.add_column(col, justify="right" if col in ("params", "sparsity") else "left")
     for layer in result.layers:
+        parts = ", ".join(f"{k} {v:.0%}" for k, v in layer.parts.items())
         table.add_row(
-            layer.name, "×".join(map(str, layer.shape)), str(layer.numel), f"{layer.sparsity:.2%}"
+            layer.name,
+            layer.kind,
+            "×".join(map(str, layer.shape)),
+            str(layer.numel),
+            f"{layer.sparsity:.2%}" + (f" ({parts})" if parts else ""),
         )
     console.print(table)
+    if result.skipped:
+        console.print(_skipped_summary(result.skipped))
     console.print(
         f"accuracy {before['accuracy']:.2%} -> {after['accuracy']:.2%}, "
         f"loss {before['loss']:.4f} -> {after['loss']:.4f}, overall sparsity "
@@ -193,6 +205,18 @@ def prune(
     if out is not None:
         extra = f" and {shrunk_path}" if small is not None else ""
         console.print(f"wrote {out}, {out.with_suffix('.json')}{extra}")
+
+
+def _skipped_summary(skipped: dict[str, str]) -> str:
+    """One line per reason: how many parameters were left out, and a few of their names."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in skipped.items():
+        by_reason.setdefault(reason, []).append(name)
+    lines = [f"not pruned ({len(skipped)} parameters, all listed in the JSON report):"]
+    for reason, names in by_reason.items():
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        lines.append(f"  {len(names)} × {reason}: {shown}")
+    return "\n".join(lines)
 
 
 @app.command()

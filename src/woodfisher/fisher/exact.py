@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, hessian
+from torch.func import hessian
 
+from woodfisher.batch import Inputs, call_functional, cat, to_device
 from woodfisher.gradients import (
     LossFn,
     _default_loss,
@@ -23,18 +24,18 @@ from woodfisher.gradients import (
 )
 
 
-def _all_data(data: object) -> tuple[Tensor, Tensor]:
+def _all_data(data: object) -> tuple[Inputs, Tensor]:
     batches = list(iter_batches(data))
     if not batches:
         raise ValueError("data is empty")
-    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    return cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
 
 def exact_hessian(
     model: nn.Module,
     data: object,
     loss_fn: LossFn | None = None,
-    params: Sequence[str] | dict[str, nn.Module] | None = None,
+    params: Sequence[str] | str | dict | None = None,
 ) -> Tensor:
     """Hessian of the mean loss over all of ``data`` w.r.t. the flat selected weights.
 
@@ -66,7 +67,7 @@ def exact_hessian(
                                          **dict(model.named_buffers())}.items()}
     X, Y = _all_data(data)
     w0 = torch.cat([state[n].reshape(-1) for n in names])
-    X = X.to(device=w0.device, dtype=w0.dtype) if X.is_floating_point() else X.to(w0.device)
+    X = to_device(X, w0.device, w0.dtype)
     Y = Y.to(w0.device)
     shapes = [state[n].shape for n in names]
 
@@ -74,7 +75,7 @@ def exact_hessian(
         full = dict(state)
         for n, part, shape in zip(names, torch.split(w, layout.sizes), shapes, strict=True):
             full[n] = part.reshape(shape)
-        return loss_fn(functional_call(model, full, (X,)), Y)
+        return loss_fn(call_functional(model, full, X), Y)
 
     with _EvalMode(model):
         return hessian(loss_of)(w0).detach()
@@ -84,7 +85,7 @@ def exact_empirical_fisher(
     model: nn.Module,
     data: object,
     loss_fn: LossFn | None = None,
-    params: Sequence[str] | dict[str, nn.Module] | None = None,
+    params: Sequence[str] | str | dict | None = None,
 ) -> Tensor:
     """Undamped empirical Fisher ``(1/N) Σ g gᵀ`` over every sample of ``data``.
 
@@ -95,5 +96,5 @@ def exact_empirical_fisher(
         ValueError: If ``data`` is empty.
     """
     X, Y = _all_data(data)
-    G = sample_gradients(model, (X, Y), loss_fn, num_grads=X.shape[0], params=params)
+    G = sample_gradients(model, [(X, Y)], loss_fn, num_grads=Y.shape[0], params=params)
     return G.T @ G / G.shape[0]

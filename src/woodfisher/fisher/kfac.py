@@ -17,10 +17,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from woodfisher.batch import batch_len, call_model, default_loss, to_device
 from woodfisher.fisher.base import InverseCurvature, spd_inverse
 from woodfisher.fisher.blocks import check_damp
 from woodfisher.gradients import LossFn, _EvalMode, gradient_layout, iter_batches
-from woodfisher.params import Layout
+from woodfisher.params import Layout, weight_param
 
 # Above this many weights in one layer the dense (B, B) Kronecker block that the generic joint
 # OBS step needs is too big to form.
@@ -48,6 +49,13 @@ def _patches(module: nn.Module, x: Tensor) -> Tensor:
         return cols.transpose(1, 2)
     raise NotImplementedError(
         f"K-FAC supports Linear and Conv2d layers, got {type(module).__name__}"
+    )
+
+
+def _no_kfac(name: str, err: Exception) -> ValueError:
+    return ValueError(
+        f"K-FAC cannot model weight {name!r}: {err}. Use method='woodfisher' or 'diag-fisher' "
+        f"(any weight), or leave it out with skip=[{name!r}]"
     )
 
 
@@ -241,7 +249,7 @@ def kfac_factors(
     data: object,
     loss_fn: LossFn | None = None,
     num_batches: int = 10,
-    params: Sequence[str] | dict[str, nn.Module] | None = None,
+    params: Sequence[str] | str | dict | None = None,
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], Layout]:
     """Estimate ``A`` and ``S`` of each selected layer from forward and backward passes.
 
@@ -257,9 +265,19 @@ def kfac_factors(
     """
     if isinstance(num_batches, bool) or int(num_batches) != num_batches or num_batches < 1:
         raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
-    loss_fn = loss_fn or (lambda out, y: nn.functional.cross_entropy(out, y))
+    loss_fn = loss_fn or default_loss
     modules, layout = gradient_layout(model, params)
-    first = next(iter(modules.values())).weight
+    for n, t in modules.items():
+        if t.attr != "weight" or not isinstance(t.module, (nn.Linear, nn.Conv2d)):
+            raise _no_kfac(n, NotImplementedError(
+                f"K-FAC supports the weight of Linear and Conv2d layers, got {t.kind} "
+                f"({type(t.module).__name__}.{t.attr})"
+            ))
+        if isinstance(t.module, nn.Conv2d) and t.module.groups != 1:
+            raise _no_kfac(n, NotImplementedError(
+                f"grouped convolution (groups={t.module.groups}) has no Kronecker factors here"
+            ))
+    first = weight_param(next(iter(modules.values())))
     dtype, device = first.dtype, first.device
     A = {n: None for n in modules}
     S = {n: None for n in modules}
@@ -272,21 +290,21 @@ def kfac_factors(
             outputs[name] = out
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    handles = [t.module.register_forward_hook(hook(n)) for n, t in modules.items()]
     count = 0
     try:
         with _EvalMode(model):
             for k, (x, y) in enumerate(iter_batches(data)):
                 if k >= num_batches:
                     break
-                x = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
-                loss = loss_fn(model(x), y.to(device))
+                x = to_device(x, device, dtype)
+                loss = loss_fn(call_model(model, x), y.to(device))
                 names = list(modules)
                 grads = torch.autograd.grad(loss, [outputs[n] for n in names])
-                n_batch = x.shape[0]
+                n_batch = batch_len(x)
                 for n, g in zip(names, grads, strict=True):
-                    a = _patches(modules[n], seen[n])  # (n, L, in)
-                    dl = _out_grads(modules[n], g) * n_batch  # per-sample δ, (n, L, out)
+                    a = _patches(modules[n].module, seen[n])  # (n, L, in)
+                    dl = _out_grads(modules[n].module, g) * n_batch  # per-sample δ, (n, L, out)
                     a2 = torch.einsum("nli,nlj->ij", a, a) / a.shape[1]
                     s2 = torch.einsum("nli,nlj->ij", dl, dl)
                     A[n] = a2 if A[n] is None else A[n] + a2
@@ -305,7 +323,7 @@ def kfac_inverse(
     data: object,
     loss_fn: LossFn | None = None,
     num_batches: int = 10,
-    params: Sequence[str] | dict[str, nn.Module] | None = None,
+    params: Sequence[str] | str | dict | None = None,
     damp: float = 1e-3,
     pi_damping: bool = True,
 ) -> KFACInverse:

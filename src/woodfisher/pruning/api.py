@@ -14,16 +14,18 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from woodfisher.batch import batch_len, call_model, default_loss, describe, split_batch, take
 from woodfisher.device import model_device, to_device
 from woodfisher.fisher.base import InverseCurvature
 from woodfisher.params import (
     Layout,
+    Target,
     flat_masks,
     flat_weights,
     select_modules,
+    select_params,
     weight_param,
 )
 from woodfisher.pruning import obs
@@ -66,12 +68,25 @@ class Curvature:
 
 @dataclass
 class LayerResult:
-    """Sparsity of one pruned layer after pruning."""
+    """Sparsity of one pruned weight after pruning.
+
+    Attributes:
+        name: The weight's layout name (module name for a module's ``weight``).
+        shape: Its shape.
+        numel: Its number of entries.
+        sparsity: Its fraction of zeros.
+        kind: ``linear``, ``conv``, ``attention_qkv``, ``rnn_ih``, ... (see
+            :data:`woodfisher.params.KINDS`).
+        parts: Sparsity of each named row range (q/k/v of a packed attention projection, the
+            gates of a recurrent weight); empty for other kinds.
+    """
 
     name: str
     shape: list[int]
     numel: int
     sparsity: float
+    kind: str = "linear"
+    parts: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,6 +118,7 @@ class PruneResult:
             what compensated for removed channels, MACs removed; None otherwise.
         taylor: For ``method="woodtaylor"``: its options, the Newton scale of each step and
             the held-out loss of every scale tried (see :mod:`woodfisher.pruning.woodtaylor`).
+        skipped: Every parameter of the model that was not pruned, with the reason.
     """
 
     method: str
@@ -123,6 +139,7 @@ class PruneResult:
     target: str = "params"
     structure: dict[str, object] | None = None
     taylor: dict[str, object] | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-serialisable dict of the report.
@@ -139,13 +156,9 @@ def _loss_name(loss_fn: Callable | None) -> str:
     return getattr(loss_fn, "__name__", type(loss_fn).__name__)
 
 
-def _batches(data: Iterable) -> Iterable[tuple[Tensor, Tensor]]:
-    for batch in data:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ValueError(
-                f"each batch of data must be an (inputs, targets) pair, got {type(batch).__name__}"
-            )
-        yield batch[0], batch[1]
+def _batches(data: Iterable) -> Iterable[tuple[object, Tensor]]:
+    for i, batch in enumerate(data):
+        yield split_batch(batch, i)
 
 
 def check_data(model: nn.Module, data: Iterable, loss_fn: Callable | None = None) -> float:
@@ -163,7 +176,7 @@ def check_data(model: nn.Module, data: Iterable, loss_fn: Callable | None = None
         ValueError: If data is empty, a one-shot iterator or not batches of pairs, the
             forward or loss fails (the message names the shapes), or the loss is not finite.
     """
-    loss_fn = loss_fn or F.cross_entropy
+    loss_fn = loss_fn or default_loss
     try:
         it = iter(data)
         if it is data:
@@ -179,12 +192,21 @@ def check_data(model: nn.Module, data: Iterable, loss_fn: Callable | None = None
     x, y = to_device(_first(it), model_device(model))
     try:
         with torch.no_grad():
-            loss = loss_fn(model(x), y)
+            out = call_model(model, x)
     except Exception as err:
         raise ValueError(
-            f"data does not fit the model: inputs of shape {tuple(getattr(x, 'shape', ()))}, "
-            f"targets of shape {tuple(getattr(y, 'shape', ()))} failed with "
-            f"{type(err).__name__}: {err}"
+            f"data does not fit the model: inputs {describe(x)} (targets {describe(y)}) failed "
+            f"with {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        ) from err
+    try:
+        with torch.no_grad():
+            loss = loss_fn(out, y)
+    except ValueError:
+        raise
+    except Exception as err:
+        raise ValueError(
+            f"the loss failed on the model's output for targets {describe(y)}: "
+            f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
         ) from err
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
@@ -195,7 +217,7 @@ def check_data(model: nn.Module, data: Iterable, loss_fn: Callable | None = None
     return float(loss)
 
 
-def _first(it) -> tuple[Tensor, Tensor]:
+def _first(it) -> tuple[object, Tensor]:
     batch = next(it, None)
     if batch is None:
         raise ValueError("data is empty; pass an iterable of (inputs, targets) batches")
@@ -331,13 +353,13 @@ def _step(
 def _held_out(data: Iterable, skip: int, n: int) -> list[tuple[Tensor, Tensor]]:
     out, seen, taken = [], 0, 0
     for x, y in _batches(data):
-        b = x.shape[0]
+        b = batch_len(x)
         lo = max(0, skip - seen)
         seen += b
         if lo >= b:
             continue
         hi = min(b, lo + n - taken)
-        out.append((x[lo:hi], y[lo:hi]))
+        out.append((take(x, slice(lo, hi)), y[lo:hi]))
         taken += hi - lo
         if taken >= n:
             break
@@ -358,7 +380,7 @@ def evaluate_loss(model: nn.Module, batches: Iterable, loss_fn: Callable | None 
     Raises:
         ValueError: If there are no batches.
     """
-    loss_fn = loss_fn or F.cross_entropy
+    loss_fn = loss_fn or default_loss
     total, count = 0.0, 0
     was = model.training
     device = model_device(model)
@@ -367,8 +389,9 @@ def evaluate_loss(model: nn.Module, batches: Iterable, loss_fn: Callable | None 
         with torch.no_grad():
             for x, y in _batches(batches):
                 x, y = to_device((x, y), device)
-                total += float(loss_fn(model(x), y)) * x.shape[0]
-                count += x.shape[0]
+                n = batch_len(x)
+                total += float(loss_fn(call_model(model, x), y)) * n
+                count += n
     finally:
         model.train(was)
     if count == 0:
@@ -389,6 +412,7 @@ def prune(
     example_inputs: object | None = None,
     layers: Sequence[str] | str | None = None,
     skip: Sequence[str] | str | None = None,
+    params: Sequence[str] | str | None = None,
     scope: str = "global",
     layer_sparsity: Mapping[str, float] | None = None,
     update: str | None = None,
@@ -420,6 +444,12 @@ def prune(
             in every layer the pattern fits), or less for an intermediate step.
         method: A key of :data:`~woodfisher.pruning.methods.METHODS`.
         loss_fn: ``loss_fn(outputs, targets)`` -> mean loss; default cross-entropy.
+        layers: ``fnmatch`` patterns of modules whose weights to prune (default: every
+            weight :func:`~woodfisher.params.select_params` selects: Linear, convolutions,
+            attention projections, recurrent gate matrices).
+        skip: Patterns of module or parameter names to leave alone.
+        params: Patterns of full parameter names to prune instead of the default selection
+            (``"*.weight"``, ``"encoder.*.in_proj_weight"``); embeddings only this way.
         pattern: ``"unstructured"``, ``"N:M"`` (e.g. ``"2:4"``), ``"block:RxC"`` or
             ``"channels"`` (see :mod:`woodfisher.pruning.patterns`). Groups are scored by group
             OBS and selected globally (saliency per weight, or per MAC with
@@ -428,8 +458,6 @@ def prune(
         target: ``"params"`` or ``"flops"`` (rank by saliency per MAC removed).
         example_inputs: A batch for counting MACs and tracing channels; default the inputs of
             the first batch of ``data``.
-        layers: ``fnmatch`` patterns of modules to prune (default every Linear/Conv).
-        skip: Patterns of modules to leave alone.
         scope: ``"global"`` (one threshold over all layers) or ``"layerwise"``.
         layer_sparsity: Per-layer target overrides (module name → sparsity).
         update: ``"none"``, ``"independent"`` (the paper's summed single-weight OBS steps) or
@@ -553,7 +581,8 @@ def prune(
             "choose woodtaylor"
         )
     taylor_opts = wt.check_taylor(taylor) if meth.newton == "safe" else None
-    modules = select_modules(model, layers, skip)
+    selection = select_params(model, layers, skip, params)
+    modules = selection.targets
     layout = Layout.of(modules)
     if layer_sparsity:
         for name, s in layer_sparsity.items():
@@ -579,6 +608,7 @@ def prune(
         "loss_fn": _loss_name(loss_fn),
         "layers": [layers] if isinstance(layers, str) else (list(layers) if layers else None),
         "skip": [skip] if isinstance(skip, str) else (list(skip) if skip else None),
+        "params": [params] if isinstance(params, str) else (list(params) if params else None),
         "scope": scope,
         "layer_sparsity": dict(layer_sparsity) if layer_sparsity else None,
         "update": upd,
@@ -637,7 +667,7 @@ def prune(
             search = {}
             for rel in DEFAULTS["damp_grid"]:
                 trial = copy.deepcopy(model)
-                trial_modules = select_modules(trial, layers, skip)
+                trial_modules = select_modules(trial, layers, skip, params)
                 _run(
                     trial,
                     trial_modules,
@@ -680,12 +710,8 @@ def prune(
     stats["times"]["damp_search"] = t_search
     present = flat_masks(modules)
     layer_results = []
-    for name, mod in modules.items():
-        part = layout.split(present)[name]
-        numel = part.numel()
-        layer_results.append(
-            LayerResult(name, list(weight_param(mod).shape), numel, float((~part).sum()) / numel)
-        )
+    for name, target in modules.items():
+        layer_results.append(_layer_result(name, target, layout.split(present)[name]))
     return PruneResult(
         method=method,
         update=stats["update"],
@@ -705,6 +731,23 @@ def prune(
         target=target,
         structure=plan.report(modules) if plan is not None else None,
         taylor=stats.get("taylor"),
+        skipped=selection.skipped,
+    )
+
+
+def _layer_result(name: str, target: Target, present: Tensor) -> LayerResult:
+    numel = present.numel()
+    parts = {
+        part: float((~present[rows]).sum()) / max(present[rows].numel(), 1)
+        for part, rows in target.parts().items()
+    }
+    return LayerResult(
+        name,
+        list(weight_param(target).shape),
+        numel,
+        float((~present).sum()) / numel,
+        target.kind,
+        parts,
     )
 
 
@@ -752,7 +795,7 @@ def _run(
         opts = options["taylor"]
         search = None
         if opts["scale"] == "auto":
-            search = wt.ScaleSearch(options["taylor_val"], options["loss_fn"] or F.cross_entropy,
+            search = wt.ScaleSearch(options["taylor_val"], options["loss_fn"] or default_loss,
                                     opts["grid"])
         taylor = wt.TaylorStep(opts, model, search)
     for step, target in enumerate(targets):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune as tprune
 
-from woodfisher.params import Layout, weight_param
+from woodfisher.params import Layout, Target, owner, weight_param
 
 _HOOK_DICTS = (
     "_forward_pre_hooks",
@@ -22,7 +22,9 @@ _HOOK_DICTS = (
 )
 
 
-def compute_masks(modules: Mapping[str, nn.Module], keep: Tensor) -> dict[str, Tensor]:
+def compute_masks(
+    modules: Mapping[str, Target | nn.Module], keep: Tensor
+) -> dict[str, Tensor]:
     """Per-layer masks from a flat keep vector.
 
     Args:
@@ -41,9 +43,10 @@ def compute_masks(modules: Mapping[str, nn.Module], keep: Tensor) -> dict[str, T
 class _Snapshot:
     """Everything ``custom_from_mask`` and a weight write can change on some modules."""
 
-    def __init__(self, modules: Mapping[str, nn.Module]):
+    def __init__(self, modules: Mapping[str, Target | nn.Module]):
         self.items = []
-        for mod in modules.values():
+        # One entry per module, even when several of its tensors are targets.
+        for mod in {id(owner(m)): owner(m) for m in modules.values()}.values():
             params = dict(mod._parameters)
             buffers = dict(mod._buffers)
             self.items.append(
@@ -54,13 +57,12 @@ class _Snapshot:
                     buffers,
                     {k: b.clone() for k, b in buffers.items() if b is not None},
                     {h: dict(getattr(mod, h)) for h in _HOOK_DICTS if hasattr(mod, h)},
-                    "weight" in mod.__dict__,
-                    mod.__dict__.get("weight"),
+                    {k: v for k, v in mod.__dict__.items() if isinstance(v, Tensor)},
                 )
             )
 
     def restore(self) -> None:
-        for mod, params, pdata, buffers, bdata, hooks, had_attr, attr in self.items:
+        for mod, params, pdata, buffers, bdata, hooks, attrs in self.items:
             for h, saved in hooks.items():
                 getattr(mod, h).clear()
                 getattr(mod, h).update(saved)
@@ -68,10 +70,14 @@ class _Snapshot:
             mod._parameters.update(params)
             mod._buffers.clear()
             mod._buffers.update(buffers)
-            if had_attr:
-                mod.__dict__["weight"] = attr
-            else:
-                mod.__dict__.pop("weight", None)
+            # Plain tensor attributes: the prune hooks' computed weights (``weight``,
+            # ``in_proj_weight``) live here; RNNs also re-read them into ``_flat_weights``.
+            for k in [k for k, v in mod.__dict__.items() if isinstance(v, Tensor)]:
+                if k not in attrs:
+                    del mod.__dict__[k]
+            mod.__dict__.update(attrs)
+            if isinstance(mod, nn.RNNBase):
+                mod._init_flat_weights()
             with torch.no_grad():
                 for k, v in pdata.items():
                     params[k].copy_(v)
@@ -81,7 +87,7 @@ class _Snapshot:
 
 def apply_masks(
     model: nn.Module,
-    modules: Mapping[str, nn.Module],
+    modules: Mapping[str, Target | nn.Module],
     masks: Mapping[str, Tensor],
     new_weights: Mapping[str, Tensor] | None = None,
 ) -> None:
@@ -123,20 +129,22 @@ def apply_masks(
     touched = {n: modules[n] for n in dict.fromkeys(list(masks) + list(new_weights))}
     snap = _Snapshot(touched)
     try:
-        for name, mod in touched.items():
+        for name, target in touched.items():
+            mod = owner(target)
+            attr = target.attr if isinstance(target, Target) else "weight"
             if name in masks:
-                param = weight_param(mod)
+                param = weight_param(target)
                 mask = masks[name].to(device=param.device, dtype=param.dtype)
-                tprune.custom_from_mask(mod, "weight", mask)
-            param = weight_param(mod)
+                tprune.custom_from_mask(mod, attr, mask)
+            param = weight_param(target)
             with torch.no_grad():
-                full = getattr(mod, "weight_mask", None)
+                full = getattr(mod, f"{attr}_mask", None)
                 if name in new_weights:
                     param.copy_(new_weights[name].to(param.dtype))
                 if full is not None:
-                    # Keeps weight_orig honest: baked or not, a pruned weight reads as 0.
+                    # Keeps X_orig honest: baked or not, a pruned weight reads as 0.
                     param.mul_(full)
-                    mod.weight = param * full
+                    setattr(mod, attr, param * full)
     except Exception:
         snap.restore()
         raise

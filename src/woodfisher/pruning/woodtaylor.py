@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from woodfisher.batch import batch_len, call_model
 from woodfisher.fisher.base import InverseCurvature
 from woodfisher.params import Layout, weight_param
 from woodfisher.pruning import obs
@@ -187,8 +188,9 @@ class ScaleSearch:
         total, count = 0.0, 0
         with torch.no_grad():
             for x, y in self.val:
-                total += float(self.loss_fn(model(x), y)) * x.shape[0]
-                count += x.shape[0]
+                n = batch_len(x)
+                total += float(self.loss_fn(call_model(model, x), y)) * n
+                count += n
         value = total / max(count, 1)
         return value if math.isfinite(value) else math.inf
 
