@@ -57,7 +57,8 @@ def test_one_shot_global_over_the_encoder_then_from_pretrained(tmp_path):
 
     model = _bert()
     batches = _batches()
-    res = wf.prune(model, batches, 0.5, layers="bert.encoder.*", num_grads=32, block_size=128)
+    res = wf.prune(model, batches, 0.5, layers="bert.encoder.*", num_grads=24, block_size=128,
+                   recompute=2)
     kinds = {layer.kind for layer in res.layers}
     assert {"attention_q", "attention_k", "attention_v", "linear"} <= kinds
     encoder = select_params(model, layers="bert.encoder.*").targets.values()
@@ -83,10 +84,11 @@ def test_gradual_fine_tunes_bert_with_dict_batches_and_keeps_zeros():
     batches = _batches()
     cfg = wf.GradualConfig(
         final_sparsity=0.6, initial_sparsity=0.3, epochs=2, end=1, lr=0.01,
-        prune_options={"num_grads": 24, "block_size": 128, "layers": "bert.encoder.*"},
+        prune_options={"num_grads": 12, "block_size": 128, "layers": "bert.encoder.*",
+                       "recompute": 1},
         batch_size=12,
     )
-    res = wf.gradual(model, batches, cfg, test_data=batches, progress=False)
+    res = wf.gradual(model, batches[:2], cfg, test_data=batches[2:], progress=False)
     assert res.final["sparsity"] == pytest.approx(0.6, abs=1e-3)
     for t in select_params(model, layers="bert.encoder.*").targets.values():
         assert float((effective_weight(t) == 0).float().mean()) > 0

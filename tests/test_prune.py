@@ -195,7 +195,7 @@ BAD = [
     ({"damp": 0.1, "relative_damp": 1.0}, "not both"),
     ({"damp": "auto", "relative_damp": 1.0}, "not both"),
     ({"method": "kfac", "relative_damp": 1.0}, "K-FAC"),
-    ({"data": batches(d=5)}, r"inputs of shape \(16, 5\)"),
+    ({"data": batches(d=5)}, r"inputs float64\(16, 5\)"),
     (
         {
             "data": [

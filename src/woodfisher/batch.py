@@ -18,7 +18,7 @@ Example:
     >>> sorted(inputs), tuple(targets.shape), batch_len(inputs)
     (['input_ids'], (4,), 4)
     >>> describe(take(inputs, slice(0, 2)))
-    '{input_ids: long(2, 3)}'
+    '{input_ids: int64(2, 3)}'
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ def describe(value: object) -> str:
     """A short description of a batch's structure, for error messages.
 
     Returns:
-        E.g. ``"{input_ids: long(8, 16), labels: long(8,)}"``.
+        E.g. ``"{input_ids: int64(8, 16), labels: int64(8,)}"``.
     """
     if isinstance(value, Tensor):
         dtype = str(value.dtype).replace("torch.", "")

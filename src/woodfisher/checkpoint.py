@@ -60,6 +60,10 @@ class CheckpointError(ValueError):
     """A file is not a (readable) woodfisher checkpoint."""
 
 
+class WriteError(OSError):
+    """Writing a file failed (e.g. the disk is full); the file at the path is as it was."""
+
+
 def versions() -> dict[str, str]:
     """Versions worth recording next to results (woodfisher, torch, python).
 
@@ -113,9 +117,14 @@ def _atomic_write(path: str | os.PathLike, write: Any, mode: str) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            kept = "the previous file is intact" if path.exists() else "nothing was written"
+            raise WriteError(
+                err.errno, f"could not write {path}: {err.strerror or err}; {kept}"
+            ) from err
         raise
     return path
 
@@ -332,6 +341,12 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path} is not a woodfisher checkpoint (found a {type(payload).__name__} without "
             f"format={FORMAT!r}); write one with `woodfisher train` or save_checkpoint()"
+        )
+    version = payload.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written in checkpoint format version {version!r}, newer than the "
+            f"{FORMAT_VERSION} this woodfisher ({__version__}) reads; upgrade woodfisher"
         )
     missing = [k for k in _REQUIRED if k not in payload]
     spec = payload.get("model", {})

@@ -49,6 +49,7 @@ from woodfisher.checkpoint import (
 )
 from woodfisher.data import as_batches
 from woodfisher.device import model_device, to_device
+from woodfisher.events import emit
 from woodfisher.pruning.schedule import pruning_steps
 from woodfisher.resume import (
     fingerprint,
@@ -415,6 +416,8 @@ def gradual(
                         history=history, config=asdict(config))
         if callback is not None:
             callback(history)
+        # After the resume file and the log: a job killed here resumes after this epoch.
+        emit("epoch_saved", epoch=epoch + 1, resume=str(resume_path))
     model.eval()
     return GradualResult(history=history, config=config, resumed_from=resumed_from)
 

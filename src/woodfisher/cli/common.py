@@ -43,17 +43,21 @@ app = typer.Typer(
 )
 
 EXIT_BAD_INPUT = 2
+EXIT_ENVIRONMENT = 1
 
 
 @contextmanager
 def user_error_context() -> Iterator[None]:
-    """Turn a ``ValueError`` into ``Error: <one line>`` on stderr and exit code 2.
+    """Turn errors a user can act on into ``Error: <one line>`` on stderr.
+
+    A ``ValueError`` (bad input) exits with code 2; an ``OSError`` (a full disk, a file that
+    cannot be read or written) with code 1. Neither prints a traceback.
 
     Yields:
         Nothing; wrap the command body in ``with user_error_context():``.
 
     Raises:
-        typer.Exit: With code 2 when the body raised ``ValueError``.
+        typer.Exit: With code 2 for ``ValueError``, 1 for ``OSError``.
     """
     try:
         yield
@@ -61,6 +65,10 @@ def user_error_context() -> Iterator[None]:
         message = " ".join(str(e).split()) or type(e).__name__
         typer.echo(f"Error: {message}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    except OSError as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        typer.echo(f"Error: {message}", err=True)
+        raise typer.Exit(EXIT_ENVIRONMENT) from None
 
 
 def user_errors(fn: F) -> F:
@@ -94,12 +102,13 @@ def _stderr_log(quiet: bool) -> Callable[[str], None]:
 
 
 def _layer_table(layers: list[dict[str, Any]]) -> Table:
-    table = Table(title="weights of Linear/Conv layers")
-    for col in ("layer", "shape", "params", "zeros", "sparsity"):
-        table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
+    table = Table(title="prunable weights")
+    for col in ("weight", "kind", "shape", "params", "zeros", "sparsity"):
+        table.add_column(col, justify="left" if col in ("weight", "kind", "shape") else "right")
     for row in layers:
         table.add_row(
             row["name"],
+            row.get("kind", ""),
             "×".join(map(str, row["shape"])),
             str(row["numel"]),
             str(row["zeros"]),
