@@ -280,7 +280,8 @@ def sparsity_report(model: nn.Module) -> dict[str, Any]:
         targets = list(select_params(model).targets.values())
     except ValueError:  # a model with no prunable weight
         targets = []
-    masked = {name for name, _, _ in masked_parameters(model)}
+    # Biases and norms pruned with their channel are not weights: left out, as always.
+    masked = {name for name, orig, _ in masked_parameters(model) if orig.ndim >= 2}
     chosen = {t.param_name for t in targets}
     extra = masked - chosen
     if extra:

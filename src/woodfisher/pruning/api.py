@@ -710,8 +710,8 @@ def prune(
     stats["times"]["damp_search"] = t_search
     present = flat_masks(modules)
     layer_results = []
-    for name, target in modules.items():
-        layer_results.append(_layer_result(name, target, layout.split(present)[name]))
+    for name, tgt in modules.items():
+        layer_results.append(_layer_result(name, tgt, layout.split(present)[name]))
     return PruneResult(
         method=method,
         update=stats["update"],
