@@ -158,7 +158,7 @@ def test_operator_refuses_another_model_and_bad_options():
     with pytest.raises(ValueError, match=r"unknown ihvp options \['num_grad'\]"):
         wf.ihvp(net, data, v, num_grad=3)
     with pytest.raises(ValueError, match="params or layers/skip"):
-        wf.fisher_inverse(net, data, params=["0"], skip="2")
+        wf.fisher_inverse(net, data, params={"0": net[0]}, skip="2")
     with pytest.raises(ValueError, match=r"NaN or Inf \(first in '2', entry 1\)"):
         op.mul({"0": torch.zeros(4, 5), "2": torch.zeros(3, 4).index_fill_(1, torch.tensor([1]),
                                                                            float("inf"))})

@@ -331,7 +331,8 @@ class FisherInverse:
         """
         own = {id(m) for m in model.modules()}
         for name, mod in self.modules.items():
-            if id(mod) not in own:
+            # a selection by parameter holds Targets: the module is what must be in the model
+            if id(getattr(mod, "module", mod)) not in own:
                 raise ValueError(
                     f"this {self.method} operator was built for another model (its layer "
                     f"{name!r} is not part of the model given); build one with "
