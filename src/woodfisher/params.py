@@ -315,6 +315,31 @@ def select_modules(
     return select_params(model, layers, skip, params).targets
 
 
+def select_layers(
+    model: nn.Module,
+    layers: Sequence[str] | str | None = None,
+    skip: Sequence[str] | str | None = None,
+) -> dict[str, nn.Module]:
+    """The selected modules themselves, for code that hooks or replaces whole layers.
+
+    Only modules whose selected weight is their ``weight`` (Linear, Conv, ...) are returned;
+    weights such as attention ``in_proj_weight`` or RNN gates are not layers one can swap.
+
+    Returns:
+        Module name to module, in order.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> {n: type(m).__name__ for n, m in select_layers(net, skip="2").items()}
+        {'0': 'Linear'}
+    """
+    return {
+        t.module_name: t.module
+        for t in select_params(model, layers, skip).targets.values()
+        if t.attr == "weight"
+    }
+
+
 def weight_param(module: Target | nn.Module) -> nn.Parameter:
     """The parameter that holds a weight: ``X_orig`` when pruned, else ``X`` itself.
 

@@ -158,13 +158,13 @@ def plan_layers(
         ValueError: If no layer can be factorised (the message lists why).
     """
     from woodfisher.flops import count_flops
-    from woodfisher.params import select_modules
+    from woodfisher.params import select_layers
 
     method_for(nn.Linear(1, 1), method)  # validates the name
-    modules = select_modules(model, layers, skip)
+    modules = select_layers(model, layers, skip)
     # Every Linear/Conv is hooked, so that the classifier is the model's last layer even when
     # only some layers are selected.
-    shapes = _input_shapes(model, select_modules(model), example)
+    shapes = _input_shapes(model, select_layers(model), example)
     dense = count_flops(model, example[:1]).by_name()
     last = next(reversed(shapes), None)
     plans, skipped = [], []

@@ -70,7 +70,7 @@ def quantize(model: nn.Module, bits: int) -> dict[str, dict[str, int]]:
     Returns:
         Per layer, :func:`woodfisher.quant.fake_quantize_model`'s report.
     """
-    from woodfisher.params import select_modules
+    from woodfisher.params import select_layers
     from woodfisher.quant import fake_quantize_model
 
-    return fake_quantize_model(select_modules(model), bits)
+    return fake_quantize_model(select_layers(model), bits)

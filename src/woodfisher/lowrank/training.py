@@ -221,12 +221,12 @@ def train_rank_penalised(
         :func:`woodfisher.train` 's history plus ``penalty``, ``strength`` and the final
         penalty value.
     """
-    from woodfisher.params import select_modules
+    from woodfisher.params import select_layers
     from woodfisher.train import train
 
     if penalty not in PENALTIES:
         raise ValueError(f"unknown penalty {penalty!r}; choose from {list(PENALTIES)}")
-    mods = select_modules(model, layers)
+    mods = select_layers(model, layers)
 
     def loss_fn(logits, y):
         return nn.functional.cross_entropy(logits, y) + strength * rank_penalty(mods, penalty)
