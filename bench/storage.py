@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 from pathlib import Path
 
@@ -42,14 +43,15 @@ from woodfisher.storage.report import plot_storage, storage_table, sweep
 from woodfisher.train import evaluate
 
 CHANNELS = {"pcm": "pcm", "retention": "pcm:drift=31536000,read"}
-FULL = [("naive", (1, 2, 3)), ("sign", (1, 2)), ("sign,adaptive", (1, 2)),
-        ("sign,adaptive,split", (2,)), ("sign,adaptive,magnitude", (1.25, 1.5)),
-        ("sign,adaptive,fisher", (1.25, 1.5)), ("pair,adaptive", (2,))]
-SMALL = [("naive", (1, 2)), ("sign", (1,)), ("sign,adaptive", (1,)),
-         ("sign,adaptive,split", (2,)), ("sign,adaptive,magnitude", (1.25,)),
+FULL = [("naive", (1, 2, 3)), ("adaptive", (1,)), ("adaptive,fisher", (1.25,)),
+        ("sign", (1, 2)), ("sign,adaptive", (1, 2)), ("sign,adaptive,split", (2,)),
+        ("sign,adaptive,magnitude", (1.25, 1.5)), ("sign,adaptive,fisher", (1.25, 1.5)),
+        ("pair,adaptive", (2,))]
+SMALL = [("naive", (1, 2)), ("adaptive", (1,)), ("adaptive,fisher", (1.25,)), ("sign", (1,)),
+         ("sign,adaptive", (1,)), ("sign,adaptive,split", (2,)),
+         ("sign,adaptive,magnitude", (1.25,)), ("sign,adaptive,fisher", (1.25,))]
+QUICK = [("naive", (1, 2)), ("adaptive", (1,)), ("sign", (1,)), ("sign,adaptive", (1,)),
          ("sign,adaptive,fisher", (1.25,))]
-QUICK = [("naive", (1, 2)), ("sign", (1,)), ("sign,adaptive", (1,)),
-         ("sign,adaptive,split", (2,)), ("sign,adaptive,fisher", (1.25,))]
 SPARSITY = {"mlpnet": 0.8, "cnn": 0.5}
 FISHER_GRADS = 500
 
@@ -129,24 +131,35 @@ def validate_defaults(model, splits, fisher, trials, log) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="MLPNet dense only, 5 draws")
+    ap.add_argument("--trials", type=int, default=None, help="noise draws (default 20, quick 5)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs already in OUT (same command) and do the rest")
     args = ap.parse_args()
     out = args.out or Path("bench/results") / ("storage_quick.json" if args.quick
                                                else "storage.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    console = Console()
+    console = Console(width=150)
     t0 = time.perf_counter()
-    trials = 5 if args.quick else 20
+    trials = args.trials or (5 if args.quick else 20)
 
     def log(msg: str) -> None:
         print(f"  [{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
     result: dict = {
         "command": "WOODFISHER_BENCH_CACHE=/work/cache PYTHONPATH=src python bench/storage.py"
-                   + (" --quick" if args.quick else ""),
+                   + (" --quick" if args.quick else "")
+                   + (f" --trials {args.trials}" if args.trials else ""),
         "machine": machine_info(), "trials": trials, "channels": CHANNELS,
         "sparsity": SPARSITY, "fisher_grads": FISHER_GRADS, "runs": {},
     }
+    if args.resume and out.is_file():
+        old = json.loads(out.read_text())
+        if old.get("command") == result["command"]:
+            result["runs"] = old.get("runs", {})
+            if "defaults_validation" in old:
+                result["defaults_validation"] = old["defaults_validation"]
+            result["resumed_from_seconds"] = old.get("elapsed_seconds")
     models = ["mlpnet"] if args.quick else ["mlpnet", "cnn"]
     for name in models:
         dense, info = dense_checkpoint(name)
@@ -157,18 +170,23 @@ def main() -> None:
         for variant, model in variants.items():
             log(f"{name} {variant}: test accuracy {evaluate(model, splits.test)['accuracy']:.4f}")
             fisher = fisher_of(f"{name}-{variant}", model, splits)
-            if name == "mlpnet" and variant == "dense" and not args.quick:
+            if (name == "mlpnet" and variant == "dense" and not args.quick
+                    and "defaults_validation" not in result):
                 result["defaults_validation"] = validate_defaults(model, splits, fisher, 10,
                                                                   log)
+                atomic_save_json(result, out)
             grid = QUICK if args.quick or (name, variant) == ("cnn", "pruned") else (
                 FULL if (name, variant) == ("mlpnet", "dense") else SMALL)
             for ch_name, spec in CHANNELS.items():
                 key = f"{name}-{variant}-{ch_name}"
+                if key in result["runs"]:
+                    continue
                 log(f"== {key}")
                 rows = run_grid(model, splits.test, grid, make_channel(spec), fisher, trials,
                                 log)
                 rows["summary"] = summary(rows)
                 result["runs"][key] = rows
+                result["elapsed_seconds"] = time.perf_counter() - t0
                 console.print(storage_table(rows, f"{key}: accuracy (%) over {trials} draws"))
                 plot_storage(rows, out.with_name(f"{out.stem}-{key}.png"),
                              title=f"{name} ({variant}) on Fashion-MNIST, channel {spec}")
@@ -176,6 +194,8 @@ def main() -> None:
             if name == "mlpnet" and variant == "dense" and not args.quick:
                 for ch_name, spec in CHANNELS.items():
                     key = f"{name}-int4-{ch_name}"
+                    if key in result["runs"]:
+                        continue
                     log(f"== {key}")
                     rows = run_grid(model, splits.test, [("naive", (1,)), ("sign", (1,)),
                                                          ("sign,adaptive", (1,))],

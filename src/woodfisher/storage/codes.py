@@ -53,6 +53,8 @@ COMPANDER_BINS = 16
 COMPANDER_MIN_WEIGHTS_PER_BIT = 10
 MAX_LEVELS = 32
 #: Quantiles of |w| tried as the range s by ``adaptive`` (1.0 = no clipping).
+#: Weights of a layer beyond which the range search runs on a stratified sample.
+SEARCH_SAMPLE = 20000
 CLIP_QUANTILES = (1.0,) + tuple(1 - 10 ** (-k / 4) for k in range(4, 21))
 
 
@@ -380,35 +382,38 @@ def build_layer_code(
     coarse = identity if strategy.split else None
     magnitude = strategy.sign != "offset"
 
-    def normalise(s: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def normalise(s: float, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """u, scale, offset for range s (values beyond s are clipped)."""
+        zeros = torch.zeros_like(w)
         if magnitude:
             return (w.abs() / s).clamp(max=1), zeros + s, zeros
         return ((w / s).clamp(-1, 1) + 1) / 2, zeros + 2 * s, zeros - s
 
-    def bias2(fine: CellMap, u: Tensor, scale: Tensor, offset: Tensor, levels: int) -> Tensor:
+    def bias2(fine: CellMap, u: Tensor, scale: Tensor, offset: Tensor, levels: int,
+              w: Tensor) -> Tensor:
         """Squared deterministic error: clipping plus the decode's bias at the mean read."""
         mean_u = u + _code_bias(fine, u, pair, levels, strategy.digits)
         if magnitude:
             return (scale * mean_u - w.abs()) ** 2
         return (offset + scale * mean_u - w) ** 2
 
-    def design(s: float, levels: int | None = None) -> tuple[float, dict[str, Any]]:
-        u, scale, offset = normalise(s)
+    def design(s: float, levels: int | None = None, w: Tensor = w, imp: Tensor = imp
+               ) -> tuple[float, dict[str, Any]]:
+        u, scale, offset = normalise(s, w)
         if strategy.split:
             L, var = _best_levels(identity, identity, u, imp * scale ** 2, pair,
                                   strategy.digits, reads, levels)
             fine = identity
         else:
             L = 0
-            dens_u = torch.cat([u, torch.zeros(n, dtype=torch.float64)]) if pair else u
+            dens_u = torch.cat([u, torch.zeros_like(u)]) if pair else u
             dens_w = torch.cat([imp, imp]) if pair else imp
             curve = compander(dens_u, dens_w, bins=COMPANDER_BINS, slope_bits=CURVE_BITS) \
                 if own_curve else None
             fine = CellMap(channel, kind, curve)
-            var = _code_var(fine, None, u, sgn, pair, 0, 1, reads)
+            var = _code_var(fine, None, u, None, pair, 0, 1, reads)
         var = var * scale ** 2
-        b2 = bias2(fine, u, scale, offset, L)
+        b2 = bias2(fine, u, scale, offset, L, w)
         cost = float((imp * (b2 + var / reads)).sum())
         return cost, {"u": u, "scale": scale, "offset": offset, "bias2": b2, "var": var,
                       "levels": L, "fine": fine, "s": s}
@@ -429,7 +434,7 @@ def build_layer_code(
             L = 0
             var = _code_var(identity, None, u, sgn, pair, 0, 1, reads)
         chosen = {"u": u, "scale": scale, "offset": offset,
-                  "bias2": bias2(identity, u, scale, offset, L),
+                  "bias2": bias2(identity, u, scale, offset, L, w),
                   "var": var * scale ** 2, "levels": L, "fine": identity, "s": None}
         info["quant_bits"] = quant_bits
     elif strategy.sign == "offset" and not strategy.adaptive:
@@ -443,7 +448,7 @@ def build_layer_code(
         else:
             L, var = 0, fine.var(u)
         chosen = {"u": u, "scale": zeros + span, "offset": zeros + lo,
-                  "bias2": bias2(fine, u, zeros + span, zeros + lo, L),
+                  "bias2": bias2(fine, u, zeros + span, zeros + lo, L, w),
                   "var": var * span ** 2, "levels": L, "fine": fine, "s": None}
         info["range"] = [lo, hi]
         side["scales"] = 2 * SCALE_BITS
@@ -455,11 +460,23 @@ def build_layer_code(
             qs = torch.tensor(CLIP_QUANTILES, dtype=torch.float64)
             sample = mags if n <= 1 << 24 else mags[:: n // (1 << 23)]
             cands = sorted({float(v) for v in torch.quantile(sample, qs) if float(v) > 0} | {top})
+            # The search runs on a stratified sample of a large layer: every weight in the
+            # top 1 % (where clipping acts), and a fixed random draw of the rest, reweighted.
+            sw, simp = w, imp
+            if n > SEARCH_SAMPLE:
+                tail = mags >= torch.quantile(sample, 0.99)
+                rest = torch.nonzero(~tail).reshape(-1)
+                pick = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(0)
+                                           )[:SEARCH_SAMPLE]]
+                sw = torch.cat([w[tail], w[pick]])
+                simp = torch.cat([imp[tail], imp[pick] * (len(rest) / len(pick))])
             # Split codes: levels for the full range, the range for those levels, then the
             # levels again (a joint search would cost ~30× more for the same choice).
-            levels = design(top)[1]["levels"] if strategy.split else None
-            best = min((design(s, levels) for s in cands), key=lambda t: t[0])
-            chosen = design(best[1]["s"])[1] if strategy.split else best[1]
+            levels = design(top, w=sw, imp=simp)[1]["levels"] if strategy.split else None
+            best = min((design(s, levels, sw, simp) for s in cands), key=lambda t: t[0])
+            s_best = best[1]["s"]
+            levels = design(s_best, None, sw, simp)[1]["levels"] if strategy.split else None
+            chosen = design(s_best, levels)[1]
         else:
             chosen = design(top)[1]
         info["range"] = chosen["s"]

@@ -331,8 +331,10 @@ def simulate(
         weight_param(mod).data.copy_(clean_weights[name])
 
     other = _other_params(net, modules)
-    foot = footprint(codes, copies, group_copies if strat.allocation else None, strat.unit_cells,
-                     side_coding, other)
+    groups = group_copies if strat.allocation else None
+    foot = footprint(codes, copies, groups, strat.unit_cells, side_coding, other)
+    other_coding = "entropy" if side_coding == "plain" else "plain"
+    alt = footprint(codes, copies, groups, strat.unit_cells, other_coding, other)
     acc = np.array(accs)
     clean_acc = clean["accuracy"]
     report: dict[str, Any] = {
@@ -357,6 +359,8 @@ def simulate(
         "clean_loss": clean["loss"],
         "accuracies": accs,
         **foot,
+        f"footprint_{other_coding}_side": {k: alt[k] for k in (
+            "digital_bits", "total_cells", "cells_per_weight", "footprint_ratio")},
         "copies": {str(int(k)): int(v) for k, v in zip(*torch.unique(
             torch.cat(copies), return_counts=True), strict=True)} if copies else {},
         "weight_mse_measured": float(np.mean(mses)),
