@@ -297,8 +297,8 @@ def _code_bias(fine: CellMap, u: Tensor, pair: bool, levels: int, digits: int) -
     return bias
 
 
-def _code_var(fine: CellMap, coarse: CellMap | None, u: Tensor, sgn: Tensor | None,
-              pair: bool, levels: int, digits: int, reads: float) -> Tensor:
+def _code_var(fine: CellMap, coarse: CellMap | None, u: Tensor, pair: bool, levels: int,
+              digits: int, reads: float) -> Tensor:
     var = _magnitude_var(fine, coarse, u, levels, digits, reads)
     if pair:
         zero = _magnitude_var(fine, coarse, torch.zeros(1, dtype=torch.float64), levels, digits,
@@ -312,7 +312,7 @@ def _best_levels(fine: CellMap, coarse: CellMap, u: Tensor, imp: Tensor, pair: b
     """``L`` minimising the importance-weighted variance of a split code, and that variance."""
     best: tuple[float, int, Tensor] | None = None
     for L in range(2, MAX_LEVELS + 1) if only is None else (only,):
-        var = _code_var(fine, coarse, u, None, pair, L, digits, reads)
+        var = _code_var(fine, coarse, u, pair, L, digits, reads)
         cost = float((imp * var).sum())
         if best is None or cost < best[0]:
             best = (cost, L, var)
@@ -381,6 +381,7 @@ def build_layer_code(
                  and n >= COMPANDER_MIN_WEIGHTS_PER_BIT * COMPANDER_BINS * CURVE_BITS)
     coarse = identity if strategy.split else None
     magnitude = strategy.sign != "offset"
+    info["own_compander"] = bool(own_curve and not strategy.split)
 
     def normalise(s: float, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """u, scale, offset for range s (values beyond s are clipped)."""
@@ -411,7 +412,7 @@ def build_layer_code(
             curve = compander(dens_u, dens_w, bins=COMPANDER_BINS, slope_bits=CURVE_BITS) \
                 if own_curve else None
             fine = CellMap(channel, kind, curve)
-            var = _code_var(fine, None, u, None, pair, 0, 1, reads)
+            var = _code_var(fine, None, u, pair, 0, 1, reads)
         var = var * scale ** 2
         b2 = bias2(fine, u, scale, offset, L, w)
         cost = float((imp * (b2 + var / reads)).sum())
@@ -432,7 +433,7 @@ def build_layer_code(
                                   strategy.digits, reads)
         else:
             L = 0
-            var = _code_var(identity, None, u, sgn, pair, 0, 1, reads)
+            var = _code_var(identity, None, u, pair, 0, 1, reads)
         chosen = {"u": u, "scale": scale, "offset": offset,
                   "bias2": bias2(identity, u, scale, offset, L, w),
                   "var": var * scale ** 2, "levels": L, "fine": identity, "s": None}

@@ -144,8 +144,6 @@ def plot_storage(sweep_result: dict[str, Any], path: str | Path, title: str = ""
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from woodfisher.checkpoint import _atomic_write
-
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     by_strategy: dict[str, list[dict[str, Any]]] = {}
     for r in sweep_result["results"]:
@@ -178,6 +176,11 @@ def plot_storage(sweep_result: dict[str, Any], path: str | Path, title: str = ""
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path = Path(path)
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), "wb")
-    plt.close(fig)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=120)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path
