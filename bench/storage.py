@@ -128,14 +128,42 @@ def validate_defaults(model, splits, fisher, trials, log) -> list[dict]:
     return out
 
 
+def markdown(result: dict) -> str:
+    """The runs of a result file as markdown tables (what docs/storage.md shows)."""
+    lines = []
+    for key, rows in result["runs"].items():
+        clean = rows["results"][0]["clean_accuracy"]
+        lines += [f"**{key}** (noise-free {100 * clean:.2f} %)", "",
+                  "| strategy | cells | cells/weight | × fewer than fp32 | accuracy % | min | Δ |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows["results"]:
+            lines.append(
+                f"| {r['strategy']} | {r['cells']:g} | {r['cells_per_weight']:.3f} | "
+                f"{r['footprint_ratio']:.1f} | {100 * r['accuracy_mean']:.2f} ± "
+                f"{100 * r['accuracy_std']:.2f} | {100 * r['accuracy_min']:.2f} | "
+                f"{100 * (r['accuracy_mean'] - clean):+.2f} |")
+        fp32 = rows["digital"]["fp32"]["cells_per_weight"]
+        for name, d in rows["digital"].items():
+            lines.append(f"| digital {name} + SECDED | - | {d['cells_per_weight']:.3f} | "
+                         f"{fp32 / d['cells_per_weight']:.1f} | {100 * d['accuracy']:.2f} | - | "
+                         "- |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="MLPNet dense only, 5 draws")
     ap.add_argument("--trials", type=int, default=None, help="noise draws (default 20, quick 5)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--markdown", type=Path, default=None,
+                    help="print the tables of an existing result file as markdown and exit")
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs already in OUT (same command) and do the rest")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return
     out = args.out or Path("bench/results") / ("storage_quick.json" if args.quick
                                                else "storage.json")
     out.parent.mkdir(parents=True, exist_ok=True)
