@@ -160,6 +160,9 @@ def main() -> None:
                     help="print the tables of an existing result file as markdown and exit")
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs already in OUT (same command) and do the rest")
+    ap.add_argument("--models", default=None,
+                    help="comma-separated subset of mlpnet,cnn to run now (a resumed file keeps "
+                         "the others' runs)")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())))
@@ -189,6 +192,11 @@ def main() -> None:
                 result["defaults_validation"] = old["defaults_validation"]
             result["resumed_from_seconds"] = old.get("elapsed_seconds")
     models = ["mlpnet"] if args.quick else ["mlpnet", "cnn"]
+    if args.models:
+        wanted = args.models.split(",")
+        if any(m not in models for m in wanted):
+            raise SystemExit(f"--models {args.models}: choose among {','.join(models)}")
+        models = wanted
     for name in models:
         dense, info = dense_checkpoint(name)
         splits = load_dataset("fashion-mnist", normalisation=info["dataset"])
