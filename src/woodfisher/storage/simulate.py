@@ -37,7 +37,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from woodfisher.params import effective_weight, select_modules, weight_mask, weight_param
+from woodfisher.params import (
+    Target,
+    effective_weight,
+    owner,
+    select_modules,
+    weight_mask,
+    weight_param,
+)
 from woodfisher.storage.allocation import allocate
 from woodfisher.storage.channel import Channel, make_channel
 from woodfisher.storage.codes import LayerCode, Strategy, build_layer_code, describe_code
@@ -169,18 +176,22 @@ def _copy_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _other_params(net: nn.Module, modules: Mapping[str, nn.Module]) -> int:
+def _other_params(net: nn.Module, modules: Mapping[str, Target | nn.Module]) -> int:
     """Floats the model needs besides the coded weights (biases, BatchNorm), kept digital."""
-    coded = {id(m) for m in modules.values()}
+    coded = {(id(owner(t)), _attr_of(t)) for t in modules.values()}
     count = 0
     for mod in net.modules():
         for name, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
             if not t.is_floating_point() or name.endswith("_mask"):
                 continue
-            if id(mod) in coded and name in ("weight", "weight_orig"):
+            if (id(mod), name.removesuffix("_orig")) in coded:
                 continue
             count += t.numel()
     return count
+
+
+def _attr_of(target: Target | nn.Module) -> str:
+    return target.attr if isinstance(target, Target) else "weight"
 
 
 def simulate(
