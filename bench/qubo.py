@@ -59,6 +59,7 @@ from woodfisher.qubo import (  # noqa: E402
     qubo_costs,
     solve,
 )
+from woodfisher.qubo.costs import MAGNITUDE_BETA, QUBO_RELATIVE_DAMP  # noqa: E402
 from woodfisher.train import evaluate, train  # noqa: E402
 
 VAL = 5000
@@ -319,8 +320,10 @@ def markdown(result: dict) -> str:
                          f"{100 * r['accuracy']:.2f} | {ft} | {plan} |")
         lines.append("")
     for st in result["solvers"]:
-        lines += [f"**{st['model']}**, formulated QUBOs (mean over seeds; gap to the best any "
-                  "solver found)", "",
+        dense = st.get("dense_epochs", 10)
+        trained = f" ({dense}-epoch dense model)" if dense != 10 else ""
+        lines += [f"**{st['model']}**{trained}, formulated QUBOs (mean over seeds; gap to the best "
+                  "any solver found)", "",
                   "| budget | form | vars | couplings | solver | energy gap | time (s) | "
                   "objective | size |", "|---:|---|---:|---:|---|---:|---:|---:|---:|"]
         for inst in st["instances"]:
@@ -358,6 +361,11 @@ def main() -> None:
                     help="fisher damp to use instead of choosing it on validation (with --beta)")
     ap.add_argument("--beta", type=float, default=None,
                     help="magnitude beta to use instead of choosing it on validation")
+    ap.add_argument("--dense-epochs", type=int, default=10,
+                    help="epochs of the cached dense models (bench/common.py's dense_checkpoint)")
+    ap.add_argument("--solvers-only", action="store_true",
+                    help="only the solver study (no accuracy study, no validation choice: the "
+                         "library's damp and beta unless --relative-damp/--beta are given)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--table", type=Path, default=None,
                     help="print the markdown tables of this result JSON and exit")
@@ -379,11 +387,14 @@ def main() -> None:
     result = {"command": " ".join(sys.argv), "quick": quick, "machine": machine_info(),
               "solvers": [], "accuracy": []}
     chosen = None
-    if args.relative_damp is not None and args.beta is not None:
-        chosen = {"relative_damp": args.relative_damp, "beta": args.beta}
+    if args.solvers_only or (args.relative_damp is not None and args.beta is not None):
+        chosen = {"relative_damp": QUBO_RELATIVE_DAMP if args.relative_damp is None
+                  else args.relative_damp,
+                  "beta": MAGNITUDE_BETA if args.beta is None else args.beta}
         result["validation"] = {"given": chosen}
+    result["dense_epochs"] = args.dense_epochs
     for name in args.models.split(","):
-        model, info = dense_checkpoint(name)
+        model, info = dense_checkpoint(name, epochs=args.dense_epochs)
         splits = load_dataset("fashion-mnist", normalisation=info["dataset"])
         x, y = splits.train.tensors[:2]
         fit = TensorDataset(x[:-VAL], y[:-VAL])
@@ -401,7 +412,9 @@ def main() -> None:
             result["validation"] = {"model": name, "budget": 0.1, **chosen}
         fisher = fisher.with_relative_damp(chosen["relative_damp"])
         magnitude = qubo_costs(model, None, "magnitude", beta=chosen["beta"])
-        if big:
+        if args.solvers_only:
+            budgets, ft = [], []
+        elif big:
             budgets = [0.09375, 0.1] if not quick else [0.1]
             ft = [0.1] if args.finetune_resnet else []
         else:
@@ -411,14 +424,17 @@ def main() -> None:
         ft_data = TensorDataset(x[:10_000], y[:10_000]) if quick else fit
         ft_methods = ("uniform", "fisher-QUBO") if quick else (
             "uniform", "magnitude-QUBO", "fisher-QUBO", "fisher-QUBO + OBQ")
-        acc = accuracy_study(name, model, splits, ft_data, calib, fisher, magnitude, budgets,
-                             ft, effort, 0, ft_methods)
-        acc["finetune_images"] = len(ft_data)
-        acc["gradient_time_s"] = grad_time
-        result["accuracy"].append(acc)
+        if not args.solvers_only:
+            acc = accuracy_study(name, model, splits, ft_data, calib, fisher, magnitude,
+                                 budgets, ft, effort, 0, ft_methods)
+            acc["finetune_images"] = len(ft_data)
+            acc["gradient_time_s"] = grad_time
+            result["accuracy"].append(acc)
         sub_effort = Effort(reads=16, sweeps=200, tabu_ms=5)
-        result["solvers"].append(solver_study(
-            name, fisher, solver_budgets, effort, seeds, sub_count, sub_seeds, sub_effort, 0))
+        study = solver_study(
+            name, fisher, solver_budgets, effort, seeds, sub_count, sub_seeds, sub_effort, 0)
+        study.update(dense_epochs=args.dense_epochs, gradient_time_s=grad_time)
+        result["solvers"].append(study)
         result["total_seconds"] = time.perf_counter() - t_start
         atomic_save_json(result, out)
         log(f"{name} done; {result['total_seconds']:.0f} s so far")
