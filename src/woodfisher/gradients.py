@@ -317,19 +317,23 @@ def sample_gradients(
                         f"per-sample gradients failed on inputs {describe(x)} (rows × samples "
                         f"× ...): {type(err).__name__}: {' '.join(str(err).split())[:300]}"
                     ) from err
-            flat = []
-            for g, mask in zip(grads, masks, strict=True):
-                # The mask already zeroes these through the forward pre-hook; multiply anyway so
-                # that a model that bypasses the hook still yields exact zeros.
-                g = g * mask if mask is not None else g
-                flat.append(g.reshape(rows, -1))
-            block = torch.cat(flat, dim=1)
-            if not torch.isfinite(block).all():
+            block = out[done:done + rows]
+            for g, mask, off, size in zip(grads, masks, layout.offsets, layout.sizes,
+                                          strict=True):
+                # Written straight into the output. The mask already zeroes these through the
+                # forward pre-hook; multiply anyway so that a model that bypasses the hook
+                # still yields exact zeros.
+                dst = block[:, off:off + size]
+                if mask is not None:
+                    torch.mul(g.reshape(rows, -1), mask.reshape(1, -1), out=dst)
+                else:
+                    dst.copy_(g.reshape(rows, -1))
+            # NaN/Inf always reach the sum (one read, no bool copy); scan only then.
+            if not torch.isfinite(block.sum()) and not torch.isfinite(block).all():
                 bad = done + int((~torch.isfinite(block)).any(dim=1).nonzero()[0])
                 raise ValueError(
                     f"gradient {bad} is not finite (NaN or Inf); check the loss and data"
                 )
-            out[done:done + rows] = block
             done += rows
             bar.update(rows)
     return out
