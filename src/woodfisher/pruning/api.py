@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from woodfisher.batch import batch_len, call_model, default_loss, describe, split_batch, take
 from woodfisher.device import model_device, to_device
+from woodfisher.distributed import Group, rank_report
 from woodfisher.fisher.base import InverseCurvature
 from woodfisher.params import (
     Layout,
@@ -30,6 +31,7 @@ from woodfisher.params import (
 )
 from woodfisher.pruning import obs
 from woodfisher.pruning import woodtaylor as wt
+from woodfisher.pruning.downdate import downdate_applies, run_downdate
 from woodfisher.pruning.masks import _Snapshot, apply_masks, compute_masks
 from woodfisher.pruning.methods import (
     DEFAULTS,
@@ -119,6 +121,11 @@ class PruneResult:
         taylor: For ``method="woodtaylor"``: its options, the Newton scale of each step and
             the held-out loss of every scale tried (see :mod:`woodfisher.pruning.woodtaylor`).
         skipped: Every parameter of the model that was not pruned, with the reason.
+        path: How the steps got their curvature: ``"downdate"`` (one Fisher, downdated
+            through the steps; see :mod:`woodfisher.pruning.downdate`) or ``"resample"``
+            (fresh gradients and inverse at every step).
+        ranks: For a job over several processes, every rank's flat range, phase times and
+            peak memory; None in one process.
     """
 
     method: str
@@ -140,6 +147,8 @@ class PruneResult:
     structure: dict[str, object] | None = None
     taylor: dict[str, object] | None = None
     skipped: dict[str, str] = field(default_factory=dict)
+    path: str = "resample"
+    ranks: list[dict[str, object]] | None = None
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-serialisable dict of the report.
@@ -422,6 +431,7 @@ def prune(
     damp: float | str | None = None,
     relative_damp: float | None = None,
     recompute: int | str = DEFAULTS["recompute"],
+    recompute_by: str = DEFAULTS["recompute_by"],
     seed: int = 0,
     val_data: Iterable | None = None,
     taylor: Mapping[str, object] | None = None,
@@ -479,6 +489,12 @@ def prune(
             as :func:`~woodfisher.pruning.schedule.auto_steps` needs so that no step removes
             more than ``DEFAULTS["max_step_removed"]`` of the remaining weights (1 for
             magnitude).
+        recompute_by: How the steps get their curvature: ``"downdate"`` samples the gradients
+            once and removes each step's weights from the block inverses by Schur complements
+            (fast, exact greedy OBS on one Fisher; see :mod:`woodfisher.pruning.downdate`),
+            ``"resample"`` samples fresh gradients and rebuilds every inverse at each step
+            (the paper's recomputation); ``"auto"`` downdates WoodFisher when ``block_size``
+            is at most twice ``num_grads`` and resamples otherwise.
         seed: Seed for gradient sampling; recorded in the result.
         val_data: Held-out batches for ``damp="auto"`` and for the Newton scale of
             ``"woodtaylor"``.
@@ -584,6 +600,16 @@ def prune(
     selection = select_params(model, layers, skip, params)
     modules = selection.targets
     layout = Layout.of(modules)
+    if recompute_by == "downdate" and (pat.structured or target != "params"):
+        raise ValueError(
+            f"recompute_by='downdate' prunes single weights by count; pattern={str(pat)!r}, "
+            f"target={target!r} need recompute_by='resample' (or 'auto')"
+        )
+    unstructured = not pat.structured and target == "params"
+    use_downdate = downdate_applies(
+        meth.curvature if unstructured else None, meth.needs_mean_grad, num_grads, block_size,
+        layout.d, recompute_by,
+    )
     if layer_sparsity:
         for name, s in layer_sparsity.items():
             if name not in modules:
@@ -601,6 +627,8 @@ def prune(
         "seed": seed,
         "progress": progress,
         "taylor": taylor_opts,
+        "downdate": use_downdate,
+        "group": Group.from_torch() if use_downdate else Group.local(),
     }
     public = {
         "sparsity": sparsity,
@@ -618,6 +646,7 @@ def prune(
         "damp": damp,
         "relative_damp": relative_damp,
         "recompute": recompute,
+        "recompute_by": recompute_by,
         "seed": seed,
         "schedule": DEFAULTS["schedule"],
         "pattern": str(pat),
@@ -732,6 +761,8 @@ def prune(
         structure=plan.report(modules) if plan is not None else None,
         taylor=stats.get("taylor"),
         skipped=selection.skipped,
+        path=stats.get("path", "resample"),
+        ranks=stats.get("ranks"),
     )
 
 
@@ -779,6 +810,23 @@ def _run(
         off, size = layout.offsets[layout.names.index(name)], layout.sizes[layout.names.index(name)]
         now = float((~flat_masks(modules)[off : off + size]).sum()) / size
         per_layer[name] = interpolate(now, s, recompute, kind)
+    if options.get("downdate") and plan is None:
+        steps = [
+            {name: sched[step] for name, sched in per_layer.items()} or None
+            for step in range(len(targets))
+        ]
+        group = options["group"]
+        stats = run_downdate(
+            model, modules, layout, data, targets, steps, scope, upd, options, group
+        )
+        if group.distributed:
+            stats["ranks"] = [
+                {**bounds, **rep} for bounds, rep in zip(stats["ranks"], rank_report(group),
+                                                         strict=True)
+            ]
+        else:
+            stats["ranks"] = None
+        return stats
     times = {"gradients": 0.0, "inverse": 0.0, "selection": 0.0, "update": 0.0}
     out = {
         "update": upd,
