@@ -257,7 +257,7 @@ class Group:
         dist.all_to_all_single(recv, send, list(recv_numels), [p.numel() for p in pieces])
         return list(torch.split(recv, list(recv_numels)))
 
-    def shard_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, float]:
+    def shard_batch(self, x: object, y: Tensor) -> tuple[object, Tensor, float]:
         """This rank's contiguous share of a global batch, and its loss weight.
 
         With a mean loss on each share, ``weight = P · n_r / n`` makes the data-parallel
@@ -266,19 +266,23 @@ class Group:
         (data-parallel training needs every rank to run the step).
 
         Args:
-            x: The global batch's inputs (the same on every rank).
+            x: The global batch's inputs (the same on every rank): a tensor, or a tuple or
+                dict of tensors as :mod:`woodfisher.batch` takes them.
             y: Its targets.
 
         Returns:
             ``(x_r, y_r, weight)``.
         """
-        n = int(x.shape[0])
+        from woodfisher.batch import take
+
+        n = int(y.shape[0])
         base, extra = divmod(n, self.world)
         lo = self.rank * base + min(self.rank, extra)
         size = base + (self.rank < extra)
         if size == 0:
-            return x[:1], y[:1], 0.0
-        return x[lo : lo + size], y[lo : lo + size], self.world * size / n
+            return take(x, slice(0, 1)), y[:1], 0.0
+        part = slice(lo, lo + size)
+        return take(x, part), y[part], self.world * size / n
 
     def data_parallel(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` wrapped in ``DistributedDataParallel`` (itself for one rank).

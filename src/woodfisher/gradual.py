@@ -49,6 +49,7 @@ from woodfisher.checkpoint import (
 )
 from woodfisher.data import as_batches
 from woodfisher.device import model_device, to_device
+from woodfisher.distributed import Group
 from woodfisher.events import emit
 from woodfisher.pruning.schedule import pruning_steps
 from woodfisher.resume import (
@@ -351,6 +352,7 @@ def gradual(
     from woodfisher.train import evaluate
 
     steps = config.steps()
+    lead = Group.from_torch().rank == 0
     loss_fn = loss_fn or default_loss
     train_data = take_subset(train_data, config.train_subset, GradualError)
     prune_n = _prune_sample_count(config)
@@ -410,11 +412,11 @@ def gradual(
             ev = evaluate(model, test_data, loss_fn=loss_fn)
             row["test_accuracy"], row["test_loss"] = ev["accuracy"], ev["loss"]
         history.append(row)
-        if resume_path is not None:
+        if resume_path is not None and lead:  # rank 0 writes for all
             save_resume(resume_path, fmt=RESUME_FORMAT, fingerprint=run_id,
                         next_epoch=epoch + 1, model=model, optimizer=optimizer,
                         history=history, config=asdict(config))
-        if callback is not None:
+        if callback is not None and lead:
             callback(history)
         # After the resume file and the log: a job killed here resumes after this epoch.
         emit("epoch_saved", epoch=epoch + 1, resume=str(resume_path))
@@ -443,15 +445,22 @@ def _fine_tune_epoch(
                file=sys.stderr, disable=not progress, leave=True, dynamic_ncols=True)
     n, correct, loss_sum, lr = 0, 0, 0.0, config.lr
     device = model_device(model)
+    ranks = Group.from_torch()
+    # Over several processes every rank sees the same global batch and trains on its share;
+    # DistributedDataParallel averages the gradients (see Group.shard_batch).
+    net = ranks.data_parallel(model)
     try:
         for i, (x, y) in enumerate(bar):
             x, y = to_device((x, y), device)
+            weight = 1.0
+            if ranks.distributed:
+                x, y, weight = ranks.shard_batch(x, y)
             step = epoch * per_epoch + i if per_epoch else epoch
             lr = lr_at(step, total_steps, config.lr, config.lr_schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            out = call_model(model, x)
+            out = call_model(net, x)
             loss = loss_fn(out, y)
             if not torch.isfinite(loss):
                 raise GradualError(
@@ -459,17 +468,22 @@ def _fine_tune_epoch(
                     f"batch {i + 1}; stopped. The resume file of the last good epoch is kept: "
                     f"lower the learning rate (now {config.lr}) and start again"
                 )
-            loss.backward()
+            (loss * weight if ranks.distributed else loss).backward()
             optimizer.step()
             enforce_masks(model, optimizer)
-            n += len(y)
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((predictions(out) == y).sum())
+            if weight:
+                n += len(y)
+                loss_sum += float(loss.detach()) * len(y)
+                correct += int((predictions(out) == y).sum())
             if progress:
                 bar.set_postfix(loss=f"{loss_sum / n:.4f}", acc=f"{correct / n:.3f}",
                                 sparsity=f"{sparsity:.3f}", refresh=False)
     finally:
         bar.close()
+    if ranks.distributed:
+        n, correct, loss_sum = ranks.all_sum(
+            torch.tensor([n, correct, loss_sum], dtype=torch.float64)
+        ).tolist()
     return {"train_loss": loss_sum / max(n, 1), "train_accuracy": correct / max(n, 1), "lr": lr}
 
 
@@ -551,7 +565,9 @@ def run_gradual(
 
     Writes the pruned checkpoint ``out`` (loadable by ``woodfisher evaluate``), its resume
     file (after every epoch), a JSON log of every epoch (after every epoch) and a PNG of
-    accuracy and sparsity against epoch; see :func:`output_paths`.
+    accuracy and sparsity against epoch; see :func:`output_paths`. Under ``torchrun`` every
+    rank runs this (pruning steps split over the ranks, fine-tuning data parallel) and rank 0
+    writes the files.
 
     Args:
         checkpoint: A checkpoint written by ``woodfisher train`` (or ``save_checkpoint``).
@@ -610,9 +626,11 @@ def run_gradual(
     meta = {"gradual": asdict(cfg), "source": str(checkpoint), "history": result.history,
             "test_accuracy": final["accuracy"], "test_loss": final["loss"],
             "dense_accuracy": dense["accuracy"]}
-    save_checkpoint(paths["checkpoint"], model, info["model"], saved, meta)
-    write_log(result.history)
-    plot_history(result.history, paths["plot"])
+    group = Group.from_torch()
+    if group.rank == 0:  # one writer for a job over several processes
+        save_checkpoint(paths["checkpoint"], model, info["model"], saved, meta)
+        write_log(result.history)
+        plot_history(result.history, paths["plot"])
     return {
         **{k: str(v) for k, v in paths.items()},
         "method": cfg.method, "epochs": cfg.epochs, "seed": cfg.seed,

@@ -228,6 +228,12 @@ PARAMS_HELP = (
 )
 
 
+RECOMPUTE_BY_HELP = (
+    "How the steps get their curvature: downdate (gradients once, each step removes its "
+    "weights from the block inverses; fast), resample (fresh gradients and inverses at every "
+    "step, the paper's) or auto (downdate when block-size <= 2 x num-grads). Downdate is "
+    "the path that runs over several processes under torchrun."
+)
 RECOMPUTE_HELP = (
     "Steps to reach the target with fresh curvature between them, or 'auto' (no "
     "step removes more than a quarter of the remaining weights)."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,7 @@ from woodfisher.cli.common import (
     METHOD_HELP,
     PARAMS_HELP,
     PATTERN_HELP,
+    RECOMPUTE_BY_HELP,
     RECOMPUTE_HELP,
     RELATIVE_DAMP_HELP,
     TARGET_HELP,
@@ -33,6 +35,29 @@ from woodfisher.cli.common import (
     user_errors,
 )
 from woodfisher.compare import compare_table
+
+
+def _on_ranks(command: Callable[..., None], args: dict[str, object]) -> None:
+    """Run ``command(**args, lead=...)`` here, or as one rank of a ``torchrun`` job.
+
+    Under torchrun the process joins the group (gloo on CPU, NCCL on CUDA), every rank must
+    have the same command line, ``device`` becomes this rank's device, and only rank 0 (the
+    lead) evaluates, prints and writes.
+    """
+    import sys
+
+    from woodfisher.device import resolve_device
+    from woodfisher.distributed import in_torchrun, init_from_env, shutdown
+
+    if not in_torchrun():
+        command(**args, lead=True)
+        return
+    group = init_from_env(resolve_device(args["device"]))
+    try:
+        group.check_agree("the command line", sys.argv[1:])
+        command(**{**args, "device": str(group.device)}, lead=group.rank == 0)
+    finally:
+        shutdown()
 
 
 @app.command()
@@ -61,6 +86,9 @@ def prune(
     damp: Annotated[str | None, typer.Option(help=DAMP_HELP)] = None,
     relative_damp: Annotated[float | None, typer.Option(help=RELATIVE_DAMP_HELP)] = None,
     recompute: Annotated[str, typer.Option(help=RECOMPUTE_HELP)] = _DEFAULTS["recompute"],
+    recompute_by: Annotated[str, typer.Option(help=RECOMPUTE_BY_HELP)] = _DEFAULTS[
+        "recompute_by"
+    ],
     layers: Annotated[list[str] | None, typer.Option(help="Module name patterns to prune.")] = None,
     skip: Annotated[
         list[str] | None, typer.Option(help="Module or parameter name patterns to skip.")
@@ -75,7 +103,20 @@ def prune(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Prune CHECKPOINT one-shot; print a table and write the pruned model and a JSON report."""
+    """Prune CHECKPOINT one-shot; print a table and write the pruned model and a JSON report.
+
+    Under ``torchrun --nproc-per-node P -m woodfisher prune ...`` the job runs over P processes
+    (gloo on CPU, NCCL on GPU) with the same result; rank 0 prints and writes.
+    """
+    _on_ranks(_prune_command, dict(locals()))
+
+
+def _prune_command(
+    checkpoint, sparsity, method, pattern, target, shrink, update, scope, num_grads,
+    samples_per_grad, block_size, damp, relative_damp, recompute, recompute_by, layers, skip,
+    params,
+    seed, data_dir, out, device, quiet, json_out, lead,
+) -> None:
     import copy
 
     from woodfisher.checkpoint import atomic_save_json, check_writable, save_checkpoint
@@ -90,14 +131,14 @@ def prune(
     parse_pattern(pattern)
     sparsity = _pattern_sparsity(pattern, sparsity, 0.9)
     shrunk_path = None if out is None else out.with_suffix(".shrunk.safetensors")
-    if out is not None:
+    if out is not None and lead:
         check_writable(out)
         check_writable(out.with_suffix(".json"))
         if shrink:
             check_writable(shrunk_path)
     model, info, splits = _checkpoint_and_data(checkpoint, None, data_dir)
     model.to(dev)
-    before = evaluate_model(model, splits.test)
+    before = evaluate_model(model, splits.test) if lead else None
     grads = num_grads or _DEFAULTS["num_grads"]
     batches = pruning_batches(splits.train, grads * samples_per_grad + 1000, seed)
     pruned = copy.deepcopy(model)
@@ -115,12 +156,15 @@ def prune(
         block_size=block_size,
         **_damp_options(damp, relative_damp),
         recompute=_parse_recompute(recompute),
+        recompute_by=recompute_by,
         layers=layers or None,
         skip=skip or None,
         params=params or None,
         seed=seed,
-        progress=not quiet,
+        progress=not quiet and lead,
     )
+    if not lead:
+        return  # rank 0 evaluates, prints and writes
     after = evaluate_model(pruned, splits.test)
     report = {
         "checkpoint": str(checkpoint),
@@ -201,6 +245,15 @@ def prune(
         console.print(
             f"shrunk: {sh['params']} parameters (dense {sh['dense_params']}), {sh['macs']} MACs "
             f"(dense {sh['dense_macs']}), accuracy {sh['accuracy']:.2%}"
+        )
+    if result.ranks:
+        console.print(
+            f"{len(result.ranks)} ranks: "
+            + "; ".join(
+                f"rank {r['rank']} {sum(r['times'].values()):.1f} s, "
+                f"peak {r.get('peak_cuda_bytes', r['peak_rss_bytes']) / 2**30:.2f} GiB"
+                for r in result.ranks
+            )
         )
     if out is not None:
         extra = f" and {shrunk_path}" if small is not None else ""
@@ -345,11 +398,25 @@ def gradual(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Prune CHECKPOINT gradually to SPARSITY while fine-tuning with masks; resumable."""
+    """Prune CHECKPOINT gradually to SPARSITY while fine-tuning with masks; resumable.
+
+    Under ``torchrun --nproc-per-node P -m woodfisher gradual ...`` the pruning steps run over
+    the P processes and the fine-tuning is data parallel (DistributedDataParallel); rank 0
+    prints and writes.
+    """
+    _on_ranks(_gradual_command, dict(locals()))
+
+
+def _gradual_command(
+    checkpoint, checkpoint_opt, sparsity, initial_sparsity, epochs, start, end, prune_every,
+    method, pattern, target, lr, batch_size, num_grads, block_size, damp, relative_damp, update,
+    train_subset, seed, out, resume, data_dir, device, quiet, json_out, lead,
+) -> None:
     from woodfisher.device import resolve_device
-    from woodfisher.gradual import run_gradual
 
     dev = resolve_device(device)
+    from woodfisher.gradual import run_gradual
+
     if (checkpoint is None) == (checkpoint_opt is None):
         raise ValueError("give the checkpoint once: as the argument or as --checkpoint")
     from woodfisher.pruning.patterns import parse_pattern
@@ -383,9 +450,11 @@ def gradual(
         seed=seed,
         resume=resume,
         data_dir=None if data_dir is None else str(data_dir),
-        progress=not quiet,
+        progress=not quiet and lead,
         device=dev,
     )
+    if not lead:
+        return
     if json_out:
         typer.echo(json.dumps(res))
         return
