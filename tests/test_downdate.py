@@ -151,9 +151,10 @@ def test_spd_inverse_and_triangular_inverse_match_linalg():
 
 
 def _tiny(seed=0, dtype=torch.float64):
-    ds = synthetic(n=256, input_shape=(1, 6, 6), num_classes=3, seed=seed)
+    # 16 inputs: d = 1500, so that the brute-force oracle inverts 1500² dense matrices.
+    ds = synthetic(n=256, input_shape=(1, 4, 4), num_classes=3, seed=seed)
     torch.manual_seed(seed)
-    model = build_model("mlpnet-small", (1, 6, 6), 3).to(dtype)
+    model = build_model("mlpnet-small", (1, 4, 4), 3).to(dtype)
     x, y = ds.tensors
     data = [(x[i : i + 32].to(dtype), y[i : i + 32]) for i in range(0, 256, 32)]
     return model, data
