@@ -100,6 +100,19 @@ def test_cli_compares_solvers(ckpt):
     assert min(r["gap"] for r in report["solvers"]) == 0
 
 
+def test_cli_exact_certifies_a_small_comparison(ckpt):
+    # conv1 (4 of 16 filters free) and fc: few enough variables for ExactSolver
+    res = cli_ok(["qubo", str(ckpt), "--objective", "magnitude", "--layers", "conv1",
+                  "--layers", "fc", "--min-keep", "0.75", "--solvers", "exact,sa,tabu,ga,rl",
+                  "--budget", "0.15", "--tabu-ms", "5", "--json", *FAST])
+    report = json.loads(res.stdout)
+    rows = {r["solver"]: r for r in report["solvers"]}
+    assert report["variables"] <= 22 and list(rows) == ["exact", "sa", "tabu", "ga", "rl"]
+    assert rows["exact"]["gap"] == pytest.approx(0, abs=1e-9)  # nothing beats the certificate
+    assert all(r["energy"] >= rows["exact"]["energy"] - 1e-9 for r in rows.values())
+    assert rows["exact"]["size_ratio"] <= 0.15
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["--budget", "1"], "budget must be"),
     (["--budget", "0"], "budget must be"),
