@@ -175,12 +175,9 @@ def plot_storage(sweep_result: dict[str, Any], path: str | Path, title: str = ""
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    from woodfisher.checkpoint import atomic_savefig
+
     try:
-        fig.savefig(tmp, dpi=120)
-        tmp.replace(path)
+        return atomic_savefig(fig, path, dpi=120)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
