@@ -130,7 +130,20 @@ def validate_defaults(model, splits, fisher, trials, log) -> list[dict]:
 
 def markdown(result: dict) -> str:
     """The runs of a result file as markdown tables (what docs/storage.md shows)."""
-    lines = []
+    lines = ["| run | noise-free % | best within 1 point | cells/weight | × fewer than fp32 | "
+             "accuracy % | naive near that footprint: cells/weight | naive accuracy % |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, rows in result["runs"].items():
+        s = rows["summary"]
+        b, n = s["best_within_1pt"], s["naive_at_similar_footprint"]
+        lines.append(
+            f"| {key} | {100 * s['clean_accuracy']:.2f} | "
+            + (f"{b['strategy']} ×{b['cells']:g} | {b['cells_per_weight']:.3f} | "
+               f"{b['footprint_ratio']:.1f} | {100 * b['accuracy_mean']:.2f} ± "
+               f"{100 * b['accuracy_std']:.2f} | " if b else "- | - | - | - | ")
+            + (f"{n['cells_per_weight']:.3f} | {100 * n['accuracy_mean']:.2f} ± "
+               f"{100 * n['accuracy_std']:.2f} |" if n else "- | - |"))
+    lines.append("")
     for key, rows in result["runs"].items():
         clean = rows["results"][0]["clean_accuracy"]
         lines += [f"**{key}** (noise-free {100 * clean:.2f} %)", "",
