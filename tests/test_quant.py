@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as tprune
 
+from woodfisher.params import select_modules
 from woodfisher.quant import check_bits, fake_quantize, fake_quantize_model, storage_bits
 
 
@@ -49,6 +50,21 @@ def test_storage_bits_and_model_in_place_keeps_masks():
     assert rep["fc"] == {"bits": 2, "storage_bits": 9 * 2 + 3 * 32}
     assert (lin.weight[:, 1] == 0).all() and (lin.weight_orig[:, 1] == 0).all()
     assert storage_bits(torch.zeros(2, 2), 8) == 64
+
+
+def test_selected_targets_of_a_pruned_model_quantize_like_modules():
+    # select_modules gives Targets (read-only stand-ins); the result must be the modules'
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    for net in nets:
+        tprune.custom_from_mask(net[0], "weight", torch.tensor([[1, 0, 1, 1]] * 3).float())
+    fake_quantize_model(select_modules(nets[0]), 3)
+    fake_quantize_model({"0": nets[1][0], "2": nets[1][2]}, 3)
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert (nets[0][0].weight[:, 1] == 0).all()
+    assert torch.equal(nets[0][0].weight, fake_quantize(nets[0][0].weight, 3))
 
 
 @pytest.mark.parametrize("bad", [0, 17, 2.5, True])

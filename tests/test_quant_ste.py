@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from woodfisher import train
+from woodfisher.params import select_modules
 from woodfisher.pruning.masks import apply_masks
 from woodfisher.quant import fake_quantize, fake_quantize_model, quant_aware
 
@@ -38,11 +39,14 @@ def test_forward_is_the_quantized_model_and_gradient_passes_straight_through():
     assert torch.allclose(got, ref[2].weight.grad, atol=1e-6)
 
 
-def test_training_inside_keeps_masks_and_ends_on_the_grid():
+@pytest.mark.parametrize("selection", ["modules", "targets"])
+def test_training_inside_keeps_masks_and_ends_on_the_grid(selection):
     net = _net()
     bits = {"0": 3, "2": 2}
     data = [(torch.randn(16, 5), torch.randint(0, 3, (16,))) for _ in range(4)]
-    with quant_aware({"0": net[0], "2": net[2]}, bits):
+    # select_modules gives Targets (not modules): they must work as the modules do
+    mods = select_modules(net) if selection == "targets" else {"0": net[0], "2": net[2]}
+    with quant_aware(mods, bits):
         train(net, data, epochs=1, lr=0.1, progress=False)
     assert not any("parametrizations" in n for n, _ in net.named_parameters())
     assert (net[0].weight[1] == 0).all() and (net[0].weight_orig[1] == 0).all()

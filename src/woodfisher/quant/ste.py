@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from woodfisher.params import Target, owner
 from woodfisher.quant.uniform import check_bits, fake_quantize
 
 
@@ -39,11 +40,14 @@ class _StraightThrough(nn.Module):
 
 
 @contextmanager
-def quant_aware(modules: Mapping[str, nn.Module], bits: Mapping[str, int]) -> Iterator[None]:
+def quant_aware(
+    modules: Mapping[str, nn.Module | Target], bits: Mapping[str, int]
+) -> Iterator[None]:
     """Train with fake-quantized weights; leave the weights quantized.
 
     Args:
-        modules: Module name to module.
+        modules: Name to module or :class:`~woodfisher.params.Target` (as
+            :func:`woodfisher.params.select_modules` gives them).
         bits: Module name to bit width (modules not named are left alone).
 
     Yields:
@@ -59,15 +63,19 @@ def quant_aware(modules: Mapping[str, nn.Module], bits: Mapping[str, int]) -> It
     done = []
     try:
         for name, b in bits.items():
-            mod = modules[name]
-            tensor = "weight_orig" if hasattr(mod, "weight_orig") else "weight"
+            # parametrize the module itself: a Target only stands for one of its tensors
+            target = modules[name]
+            mod = owner(target)
+            attr = target.attr if isinstance(target, Target) else "weight"
+            tensor = f"{attr}_orig" if hasattr(mod, f"{attr}_orig") else attr
             parametrize.register_parametrization(mod, tensor, _StraightThrough(int(b)))
-            done.append((mod, tensor))
+            done.append((mod, attr, tensor))
         yield
     finally:
-        for mod, tensor in done:
+        for mod, attr, tensor in done:
             parametrize.remove_parametrizations(mod, tensor, leave_parametrized=True)
-            if hasattr(mod, "weight_mask"):
+            if tensor != attr:
+                mask = getattr(mod, f"{attr}_mask")
                 with torch.no_grad():
-                    mod.weight_orig.mul_(mod.weight_mask)  # a pruned weight reads as 0
-                    mod.weight = mod.weight_orig * mod.weight_mask
+                    getattr(mod, tensor).mul_(mask)  # a pruned weight reads as 0
+                    setattr(mod, attr, getattr(mod, tensor) * mask)

@@ -131,7 +131,7 @@ def fake_quantize_model(
     Raises:
         ValueError: If a width is outside 1..16 or names an unknown module.
     """
-    from woodfisher.params import effective_weight, weight_param
+    from woodfisher.params import Target, effective_weight, owner, weight_mask, weight_param
 
     widths = {n: bits for n in modules} if isinstance(bits, int) else dict(bits)
     for name, b in widths.items():
@@ -145,7 +145,10 @@ def fake_quantize_model(
             w = effective_weight(mod)
             q = fake_quantize(w, b)
             weight_param(mod).copy_(q)
-            if hasattr(mod, "weight_mask"):
-                mod.weight = weight_param(mod) * mod.weight_mask
+            mask = weight_mask(mod)
+            if mask is not None:
+                # on the owning module: a Target (what select_modules gives) is read-only
+                attr = mod.attr if isinstance(mod, Target) else "weight"
+                setattr(owner(mod), attr, weight_param(mod) * mask)
             report[name] = {"bits": int(b), "storage_bits": storage_bits(w, b)}
     return report
