@@ -22,6 +22,7 @@ from woodfisher.batch import (
     Inputs,
     batch_len,
     call_functional,
+    call_model,
     cat,
     default_loss,
     describe,
@@ -30,7 +31,14 @@ from woodfisher.batch import (
     take,
     to_device,
 )
-from woodfisher.params import Layout, Target, select_modules, weight_mask, weight_param
+from woodfisher.params import (
+    Layout,
+    Target,
+    flat_masks,
+    select_modules,
+    weight_mask,
+    weight_param,
+)
 
 LossFn = Callable[[object, Tensor], Tensor]
 logger = logging.getLogger(__name__)
@@ -337,3 +345,66 @@ def sample_gradients(
             done += rows
             bar.update(rows)
     return out
+
+
+def mean_gradient(
+    model: nn.Module,
+    data: object,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    *,
+    params: Sequence[str] | str | dict[str, Target | nn.Module] | None = None,
+    max_samples: int | None = None,
+) -> Tensor:
+    """Gradient of the mean loss over ``data`` w.r.t. the selected weights, as one flat vector.
+
+    One backward pass per batch (not per sample), so it is cheap for many samples: the
+    first-order term of WoodTaylor and Newton or influence directions ``F⁻¹∇L`` use it.
+    The model runs in eval mode (modes are restored); pruned entries are exactly 0.
+
+    Args:
+        model: The network.
+        data: Batches of ``(inputs, targets)`` (or a Dataset, or an ``(X, Y)`` pair).
+        loss_fn: ``loss_fn(outputs, targets)`` -> mean loss; default cross-entropy.
+        params: Which weights, as for :func:`sample_gradients`.
+        max_samples: Use at most this many samples (the first ones); None for all.
+
+    Returns:
+        A (d,) tensor in the layout of :func:`woodfisher.gradients.gradient_layout`.
+
+    Raises:
+        ValueError: If ``data`` holds no samples or the gradient is not finite.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 2, bias=False)
+        >>> mean_gradient(net, (torch.randn(5, 2), torch.tensor([0, 1, 0, 1, 1]))).shape
+        torch.Size([4])
+    """
+    loss_fn = loss_fn or _default_loss
+    modules, _ = gradient_layout(model, params)
+    weights = [weight_param(m) for m in modules.values()]
+    dtype, device = weights[0].dtype, weights[0].device
+    total = [torch.zeros_like(w) for w in weights]
+    count = 0
+    with _EvalMode(model):
+        for x, y in iter_batches(data):
+            if max_samples is not None and count >= max_samples:
+                break
+            if max_samples is not None:
+                x, y = take(x, slice(0, max_samples - count)), y[: max_samples - count]
+            x = to_device(x, device, dtype)
+            n = batch_len(x)
+            loss = loss_fn(call_model(model, x), y.to(device)) * n
+            for t, g in zip(total, torch.autograd.grad(loss, weights, allow_unused=True),
+                            strict=True):
+                if g is not None:
+                    t += g
+            count += n
+    if count == 0:
+        raise ValueError("data holds no samples; pass at least one (inputs, targets) batch")
+    flat = torch.cat([t.reshape(-1) for t in total]) / count
+    # Gradients w.r.t. weight_orig carry the mask already; zero anyway for models that bypass it.
+    flat = flat * flat_masks(modules).to(flat.device)
+    if not torch.isfinite(flat).all():
+        raise ValueError("the mean gradient is not finite (NaN or Inf); check the loss and data")
+    return flat
