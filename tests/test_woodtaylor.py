@@ -93,7 +93,8 @@ def test_auto_scale_is_no_worse_than_woodfisher_on_the_held_out_loss():
     res = prune(wt_net, data, 0.6, "woodtaylor", val_data=val, **OPTS)
     assert evaluate_loss(wt_net, val) <= evaluate_loss(wf_net, val) + 1e-12
     search = res.taylor["search"][0]
-    assert set(search) == {repr(float(a)) for a in wt.TAYLOR_DEFAULTS["grid"]}
+    grid = {repr(float(a)) for a in wt.TAYLOR_DEFAULTS["grid"]}
+    assert grid <= set(search) and len(search) <= len(grid) + 4  # the grid, then refinement
     assert search["0.0"] == pytest.approx(evaluate_loss(wf_net, val), rel=1e-12)
     assert res.taylor["scales"][0] == float(min(search, key=search.get))
     assert res.options["taylor"]["scale"] == "auto"
@@ -194,7 +195,7 @@ def test_woodtaylor_steps_inside_gradual(monkeypatch):
     pruned = [r for r in res.history if "pruned_to" in r]
     assert len(pruned) == 2
     assert all(len(r["newton_scales"]) >= 1 for r in pruned)
-    assert all(s in wt.TAYLOR_DEFAULTS["grid"] for r in pruned for s in r["newton_scales"])
+    assert all(0 <= s <= 2 for r in pruned for s in r["newton_scales"])
     assert res.final["sparsity"] == pytest.approx(0.8, abs=0.01)
 
 
