@@ -207,3 +207,23 @@ def test_patterns_take_woodfishers_step():
     sa, sb = state(a), state(b)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert res.taylor["scales"] == [0.0]
+
+
+def test_cli_prune_woodtaylor_reports_its_scales(tmp_path, monkeypatch):
+    import json
+
+    from conftest import cli_ok
+
+    monkeypatch.setattr(api, "build_inverse", REAL_BUILD)
+    ckpt = tmp_path / "m.pt"
+    cli_ok(["train", "--model", "mlpnet-small", "--dataset", "digits", "--epochs", "3",
+            "--out", str(ckpt), "-q"])
+    for method in ("woodtaylor", "woodtaylor-paper"):
+        report = json.loads(cli_ok(["prune", str(ckpt), "--sparsity", "0.7", "--method", method,
+                                    "--num-grads", "64", "--block-size", "64", "--recompute",
+                                    "2", "--json", "-q"]).stdout)["prune"]
+        assert report["method"] == method and report["sparsity"] == pytest.approx(0.7)
+        if method == "woodtaylor":
+            assert len(report["taylor"]["scales"]) == 2 and report["taylor"]["search"]
+        else:
+            assert report["taylor"] is None
