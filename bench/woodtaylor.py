@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -214,6 +216,7 @@ def part_settings(args, splits) -> dict:
     cases = [("early (1 epoch)", early, splits.train, splits.test),
              ("shift (noise σ=0.3)", trained, shifted(splits.train, std, 1),
               shifted(splits.test, std, 2))]
+    cases = [c for c in cases if c[0].split()[0] in args.cases]
     rows = []
     for case, model, train_ds, test_ds in cases:
         dense = evaluate(model, test_ds)["accuracy"]
@@ -235,9 +238,9 @@ def part_settings(args, splits) -> dict:
 
 def part_gradual(args, splits) -> dict:
     model, _ = dense_checkpoint("mlpnet")
-    epochs = 4 if args.quick else 10
+    epochs = args.epochs or (4 if args.quick else 10)
     rows = []
-    for subset in (None, 1000):
+    for subset in args.subsets:
         for method in METHODS:
             cfg = GradualConfig(final_sparsity=0.95, epochs=epochs, method=method, lr=0.01,
                                 prune_options=dict(PRUNER), train_subset=subset, seed=args.seed)
@@ -245,7 +248,7 @@ def part_gradual(args, splits) -> dict:
             res = gradual(copy.deepcopy(model), splits.train, cfg, test_data=splits.test,
                           progress=False)
             rows.append({
-                "method": method, "train_subset": subset or len(splits.train),
+                "method": method, "train_subset": subset or len(splits.train), "epochs": epochs,
                 "accuracy": res.final["test_accuracy"], "sparsity": res.final["sparsity"],
                 "seconds": time.perf_counter() - t0, "seed": args.seed,
                 "scales": [r.get("newton_scales") for r in res.history if "pruned_to" in r],
@@ -260,6 +263,28 @@ def part_gradual(args, splits) -> dict:
     return {"epochs": epochs, "rows": rows}
 
 
+#: Row keys that identify a measurement: a rerun of the same point replaces the old row.
+ROW_KEYS = ("case", "method", "sparsity", "seed", "train_subset", "epochs")
+
+
+def merge(old: object, new: object) -> object:
+    """Merge a part's result into the stored one, so that a part can be run in slices.
+
+    Lists of rows are united (a row with the same ``ROW_KEYS`` values is replaced); dicts are
+    merged key by key; anything else takes the new value.
+    """
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {**old, **{k: merge(old.get(k), v) for k, v in new.items()}}
+    if isinstance(old, list) and isinstance(new, list) and all(
+            isinstance(r, dict) and "method" in r for r in old + new):
+        def key(r: dict) -> tuple:
+            return tuple(repr(r.get(k)) for k in ROW_KEYS)
+        kept = {key(r): r for r in old}
+        kept.update({key(r): r for r in new})
+        return list(kept.values())
+    return new
+
+
 PARTS = {"diagnose": part_diagnose, "select": part_select, "oneshot": part_oneshot,
          "settings": part_settings, "gradual": part_gradual}
 
@@ -271,6 +296,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--models", default=None, help="oneshot: comma-separated (mlpnet,cnn)")
+    ap.add_argument("--sparsities", default=None, help="oneshot: comma-separated fractions")
+    ap.add_argument("--setting-sparsities", default=None, help="settings: comma-separated")
+    ap.add_argument("--seeds", default=None, help="settings: comma-separated seeds")
+    ap.add_argument("--cases", default="early,shift", help="settings: early,shift")
+    ap.add_argument("--subsets", default="all,1000", help="gradual: training samples (all,N)")
+    ap.add_argument("--epochs", type=int, default=None, help="gradual: epochs (10; 4 --quick)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -278,29 +310,45 @@ def main() -> None:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise SystemExit(f"unknown parts {unknown}; choose from {list(PARTS)}")
-    args.models = ["mlpnet"] if args.quick else ["mlpnet", "cnn"]
-    args.sparsities = [0.5, 0.9] if args.quick else [0.5, 0.7, 0.9, 0.95, 0.98]
+    def floats(text, default):
+        return default if text is None else [float(t) for t in text.split(",")]
+
+    args.models = (args.models.split(",") if args.models
+                   else ["mlpnet"] if args.quick else ["mlpnet", "cnn"])
+    args.sparsities = floats(args.sparsities,
+                             [0.5, 0.9] if args.quick else [0.5, 0.7, 0.9, 0.95, 0.98])
     args.select_sparsities = [0.9]
-    args.setting_sparsities = [0.9] if args.quick else [0.5, 0.9]
-    args.seeds = [args.seed] if args.quick else [args.seed, args.seed + 1]
+    args.setting_sparsities = floats(args.setting_sparsities,
+                                     [0.9] if args.quick else [0.5, 0.9])
+    args.seeds = ([int(t) for t in args.seeds.split(",")] if args.seeds
+                  else [args.seed] if args.quick else [args.seed, args.seed + 1])
+    args.cases = args.cases.split(",")
+    args.subsets = [None if t == "all" else int(t) for t in args.subsets.split(",")]
     out = args.out or Path("bench/results/woodtaylor" + ("_quick" if args.quick else "")
                            + ".json")
-    result = json.loads(out.read_text()) if out.is_file() else {}
     splits = load_dataset("fashion-mnist")
     for part in parts:
         t0 = time.perf_counter()
         load = os.getloadavg()
-        result[part] = PARTS[part](args, splits)
-        result[part].update(seconds=time.perf_counter() - t0, load_average_before=load,
-                            load_average_after=os.getloadavg(),
-                            command="PYTHONPATH=src python bench/woodtaylor.py"
-                            + (" --quick" if args.quick else "") + f" --parts {part}"
-                            + (f" --threads {args.threads}" if args.threads else ""))
+        new = PARTS[part](args, splits)
+        new.update(seconds=time.perf_counter() - t0, load_average_before=load,
+                   load_average_after=os.getloadavg(), command=" ".join(
+                       ["PYTHONPATH=src python bench/woodtaylor.py", *sys.argv[1:]]))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(out.with_suffix(".lock"), "w")  # slices may run side by side
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = json.loads(out.read_text()) if out.is_file() else {}
+        # Timing and command of every slice: a merged part has several.
+        slices = result.get(part, {}).get("slices", []) + [
+            {k: new.pop(k) for k in ("seconds", "load_average_before", "load_average_after",
+                                     "command")}]
+        result[part] = merge(result.get(part), new)
+        result[part]["slices"] = slices
         result["pruner"] = {**PRUNER, "held_out": HELD_OUT}
         result["machine"] = machine_info()
-        out.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_json(result, out)
-        print(f"wrote {out} ({part}, {result[part]['seconds']:.0f} s)", flush=True)
+        lock.close()
+        print(f"wrote {out} ({part}, {slices[-1]['seconds']:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
