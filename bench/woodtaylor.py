@@ -45,12 +45,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import dense_checkpoint, machine_info
+from common import cache_dir, dense_checkpoint, machine_info
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import TensorDataset
 
-from woodfisher.checkpoint import atomic_save_json
+from woodfisher.checkpoint import atomic_save, atomic_save_json
 from woodfisher.compare import pruning_batches
 from woodfisher.data import load_dataset
 from woodfisher.gradual import GradualConfig, gradual
@@ -166,15 +166,27 @@ def part_select(args, splits) -> dict:
     fit, val = TensorDataset(x[:50_000], y[:50_000]), TensorDataset(x[50_000:], y[50_000:])
     torch.manual_seed(0)
     model = build_model("mlpnet", splits.input_shape, splits.num_classes)
-    train(model, fit, epochs=10, seed=0, progress=False)
+    # Cached like the dense checkpoints, so that slices of this part train it once.
+    cached = cache_dir() / "mlpnet-fashion-mnist-train50k-seed0-e10-state.pt"
+    if cached.is_file():
+        model.load_state_dict(torch.load(cached, weights_only=True))
+    else:
+        train(model, fit, epochs=10, seed=0, progress=False)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(model.state_dict(), cached)
+    model.eval()
     std = splits.normalisation["std"]
     cases = [("trained", model, fit, val, s) for s in args.select_sparsities]
     if not args.quick:
         cases += [("shift", model, shifted(fit, std, 1), shifted(val, std, 2), 0.9)]
+    cases = [c for c in cases if c[0] in args.select_cases]
     # The paper's method is in every other part; here only the options of the safe step.
     variants = {k: v for k, v in VARIANTS.items() if k != "woodtaylor-paper"}
     if args.quick:
         variants = {k: variants[k] for k in ("woodfisher", "woodtaylor (default)")}
+    if args.variants:
+        variants = {k: v for k, v in variants.items() if k.split()[-1].strip("()") in
+                    args.variants}
     rows = []
     for case, net, fit_ds, val_ds, sparsity in cases:
         dense = evaluate(net, val_ds)["accuracy"]
@@ -301,6 +313,9 @@ def main() -> None:
     ap.add_argument("--setting-sparsities", default=None, help="settings: comma-separated")
     ap.add_argument("--seeds", default=None, help="settings: comma-separated seeds")
     ap.add_argument("--cases", default="early,shift", help="settings: early,shift")
+    ap.add_argument("--select-cases", default="trained,shift", help="select: trained,shift")
+    ap.add_argument("--variants", default=None,
+                    help="select: comma-separated among woodfisher,default,5000,saliency")
     ap.add_argument("--subsets", default="all,1000", help="gradual: training samples (all,N)")
     ap.add_argument("--epochs", type=int, default=None, help="gradual: epochs (10; 4 --quick)")
     args = ap.parse_args()
@@ -323,6 +338,8 @@ def main() -> None:
     args.seeds = ([int(t) for t in args.seeds.split(",")] if args.seeds
                   else [args.seed] if args.quick else [args.seed, args.seed + 1])
     args.cases = args.cases.split(",")
+    args.select_cases = args.select_cases.split(",")
+    args.variants = args.variants.split(",") if args.variants else None
     args.subsets = [None if t == "all" else int(t) for t in args.subsets.split(",")]
     out = args.out or Path("bench/results/woodtaylor" + ("_quick" if args.quick else "")
                            + ".json")
