@@ -297,6 +297,47 @@ def merge(old: object, new: object) -> object:
     return new
 
 
+def markdown(result: dict) -> str:
+    """The README/docs tables (test or validation accuracy, %) of what the JSON holds."""
+    def grid(rows, row_key, col_key, title):
+        cols = list(dict.fromkeys(col_key(r) for r in rows))
+        names = list(dict.fromkeys(row_key(r) for r in rows))
+        lines = [title, "", "| method | " + " | ".join(cols) + " |",
+                 "|---|" + "---:|" * len(cols)]
+        for n in names:
+            cells = []
+            for c in cols:
+                hit = [r for r in rows if row_key(r) == n and col_key(r) == c]
+                cells.append(f"{100 * hit[0]['accuracy']:.1f}" if hit else "")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    out = []
+    if "select" in result:
+        out.append(grid(result["select"]["rows"], lambda r: r["method"], lambda r: r["case"],
+                        "Validation accuracy (%), MLPNet fit on train[:50k], held out "
+                        "train[50k:]:"))
+    for name, part in result.get("oneshot", {}).items():
+        if isinstance(part, dict) and "rows" in part:
+            rows = sorted(part["rows"], key=lambda r: r["sparsity"])
+            out.append(grid(rows, lambda r: r["method"], lambda r: f"{r['sparsity']:.0%}",
+                            f"{name}, one-shot, test accuracy (%) (dense "
+                            f"{100 * part['dense_accuracy']:.1f}):"))
+    if "settings" in result:
+        rows = result["settings"]["rows"]
+        out.append(grid(rows, lambda r: r["method"],
+                        lambda r: f"{r['case']} {r['sparsity']:.0%} s{r['seed']}",
+                        "Not at a minimum, one-shot, test accuracy (%) (dense: " + ", ".join(
+                            f"{c} {100 * d:.1f}" for c, d in dict.fromkeys(
+                                (r["case"], r["dense_accuracy"]) for r in rows)) + "):"))
+    if "gradual" in result:
+        rows = result["gradual"]["rows"]
+        out.append(grid(rows, lambda r: r["method"],
+                        lambda r: f"N={r['train_subset']}, {r.get('epochs', '?')} epochs",
+                        "MLPNet gradual to 95 %, test accuracy (%):"))
+    return "\n".join(out)
+
+
 PARTS = {"diagnose": part_diagnose, "select": part_select, "oneshot": part_oneshot,
          "settings": part_settings, "gradual": part_gradual}
 
@@ -318,6 +359,8 @@ def main() -> None:
                     help="select: comma-separated among woodfisher,default,5000,saliency")
     ap.add_argument("--subsets", default="all,1000", help="gradual: training samples (all,N)")
     ap.add_argument("--epochs", type=int, default=None, help="gradual: epochs (10; 4 --quick)")
+    ap.add_argument("--markdown", action="store_true",
+                    help="print the tables of the JSON as markdown and exit")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -343,6 +386,9 @@ def main() -> None:
     args.subsets = [None if t == "all" else int(t) for t in args.subsets.split(",")]
     out = args.out or Path("bench/results/woodtaylor" + ("_quick" if args.quick else "")
                            + ".json")
+    if args.markdown:
+        print(markdown(json.loads(out.read_text())))
+        return
     splits = load_dataset("fashion-mnist")
     for part in parts:
         t0 = time.perf_counter()
