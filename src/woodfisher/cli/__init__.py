@@ -9,6 +9,7 @@ live in :mod:`woodfisher.cli.common`.
 from woodfisher.cli import training, pruning, study, qubo, structured, lowrank, frequency  # noqa: F401, I001
 from woodfisher.cli import storage  # noqa: F401, I001  (registers the command)
 from woodfisher.cli import scale  # noqa: F401, I001  (registers the command)
+from woodfisher.cli import longtail  # noqa: F401, I001  (registers the command)
 from woodfisher.cli.common import app, user_error_context, user_errors
 
 __all__ = ["app", "main", "user_error_context", "user_errors"]
