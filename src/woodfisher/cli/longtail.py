@@ -38,12 +38,20 @@ MEMORIZATION_HELP = (
 
 
 def _arm_name(infos: list[dict[str, Any]], paths: list[Path]) -> str:
-    pruning = infos[0]["meta"].get("pruning") if isinstance(infos[0]["meta"], dict) else None
-    if isinstance(pruning, dict) and "method" in pruning and "sparsity" in pruning:
-        base = f"{pruning['method']} {100 * float(pruning['sparsity']):.0f}%"
-    else:
-        base = paths[0].stem
-    return base if len(paths) == 1 else f"{base} (×{len(paths)})"
+    """``method sparsity`` from the pruning record (else the file name), ×count for seeds."""
+    bases = []
+    for info, path in zip(infos, paths, strict=True):
+        meta = info["meta"] if isinstance(info["meta"], dict) else {}
+        pruning = meta.get("pruning")
+        if isinstance(pruning, dict) and "method" in pruning and "sparsity" in pruning:
+            base = f"{pruning['method']} {100 * float(pruning['sparsity']):.0f}%"
+        else:
+            base = path.stem
+        if base not in bases:
+            bases.append(base)
+    if len(bases) > 1:
+        return " + ".join(bases)
+    return bases[0] if len(paths) == 1 else f"{bases[0]} (×{len(paths)})"
 
 
 def _same_kind(dense: dict[str, Any], other: dict[str, Any], path: Path, dense_path: Path) -> None:
@@ -131,6 +139,9 @@ def longtail(
                              f"{runs}")
     else:
         mem_file = Path(memorization)
+        if not mem_file.is_file():
+            raise ValueError(f"--memorization {memorization!r} is neither a number of runs nor "
+                             "an existing memorization.pt; give e.g. --memorization 100")
     model, info, splits = _checkpoint_and_data(dense, None, data_dir)
     arms_paths = [_split_paths(text) for text in compressed]
     control_paths = _split_paths(control) if control else []
@@ -203,7 +214,7 @@ def longtail(
                                        "files": {k: str(v) for k, v in paths.items()}})))
         return
     console = Console(file=sys.stdout, soft_wrap=True,
-                      width=None if sys.stdout.isatty() else 170)
+                      width=None if sys.stdout.isatty() else 200)
     console.print(summary_table(analysis))
     summary = mem.to_dict()
     console.print(f"memorization: {summary['runs']} runs, fit {summary['fit']:.1%}, held-out "

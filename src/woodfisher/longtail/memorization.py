@@ -322,9 +322,14 @@ def memorization(
         probe = builder()
     if not isinstance(probe, nn.Module):
         raise ValueError(f"model() must return an nn.Module, got {type(probe).__name__}")
-    with torch.no_grad():
-        probe.eval()
-        out = probe(X[:2])
+    try:
+        with torch.no_grad():
+            probe.eval()
+            out = probe(X[:2])
+    except (RuntimeError, ValueError) as e:
+        msg = " ".join(str(e).split())[:200]
+        raise ValueError(f"the model does not run on inputs of shape {tuple(X.shape[1:])}: "
+                         f"{msg}; build it for this data") from None
     if out.ndim != 2 or out.shape[1] <= int(y.max()):
         raise ValueError(f"the model outputs shape {tuple(out.shape)}; it needs one logit per "
                          f"class for labels up to {int(y.max())}")

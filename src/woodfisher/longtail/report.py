@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich import box
 from rich.table import Table
 
 from woodfisher.checkpoint import atomic_save_json, atomic_savefig
@@ -76,11 +77,15 @@ def summary_table(analysis: dict[str, Any]) -> Table:
     title = (f"mismatches vs memorization ({analysis['examples']['scored']} scored train, "
              f"{analysis['examples']['test']} test examples; {analysis['dense_models']} dense "
              f"model(s), test acc {_f(dense.get('test'), '.2%')})")
-    table = Table(title=title)
-    for col in ("arm", "models", "test acc", "disagree train", "disagree test", "CIE train",
-                "CIE test", "AUROC mem→CIE [95% CI]", "ρ(mem, disagree)", "logit mem (z)",
-                "ΔAUROC vs control"):
-        table.add_column(col, justify="left" if col == "arm" else "right")
+    caption = ("M models; dis: disagreement with the dense parent (train/test); CIE: "
+               "compression-identified exemplars; AUROC of memorization for CIE on train; ρ: "
+               "Spearman(memorization, disagreement frequency); logit: memorization coefficient "
+               "(per SD) controlling for the dense margin; Δ: AUROC minus the control's")
+    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD)
+    columns = ("arm", "M", "test acc", "dis tr", "dis te", "CIE tr", "CIE te", "AUROC",
+               "95% CI", "ρ", "logit (z)", "Δ vs control [CI]")
+    for col in columns:
+        table.add_column(col, justify="left" if col == "arm" else "right", no_wrap=True)
     for name, arm in analysis["arms"].items():
         mem = arm["memorization"]
         coef = mem["logistic"]["coef"]["memorization"]
@@ -91,9 +96,9 @@ def summary_table(analysis: dict[str, Any]) -> Table:
             _f(arm["train"]["disagreement"]["mean"], ".2%"),
             _f(arm["test"]["disagreement"]["mean"], ".2%"),
             str(arm["exemplars"]["train"]["count"]), str(arm["exemplars"]["test"]["count"]),
-            f"{_f(mem['auroc'])} [{_f(lo, '.2f')}, {_f(hi, '.2f')}]",
+            _f(mem["auroc"]), f"[{_f(lo, '.2f')}, {_f(hi, '.2f')}]",
             _f(mem["spearman_disagreement"]["rho"]),
-            f"{_f(coef['coef'], '.2f')} ({_f(coef['z'], '.1f')})",
+            f"{_f(coef['coef'], '+.2f')} ({_f(coef['z'], '+.1f')})",
             "—" if vs is None else (f"{vs['auroc_difference']:+.3f} "
                                     f"[{_f(vs['auroc_difference_ci'][0], '+.2f')}, "
                                     f"{_f(vs['auroc_difference_ci'][1], '+.2f')}]"),

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from scipy import stats as sps
+from scipy.special import expit
 
 __all__ = [
     "auroc",
@@ -166,7 +167,7 @@ def logistic_regression(
     converged = False
     for _ in range(max_iter):
         eta = A @ beta
-        p = 1 / (1 + np.exp(-eta))
+        p = expit(eta)
         w = np.clip(p * (1 - p), 1e-12, None)
         info = A.T @ (A * w[:, None])
         try:
@@ -179,7 +180,7 @@ def logistic_regression(
             break
     if not converged or np.abs(beta).max() > 30:  # separation: the MLE runs off to infinity
         return {"converged": False, "n": len(y), "coef": nan}
-    p = 1 / (1 + np.exp(-(A @ beta)))
+    p = expit(A @ beta)
     cov = np.linalg.inv(A.T @ (A * (p * (1 - p))[:, None]))
     se = np.sqrt(np.diag(cov))
     z = beta / se

@@ -1,0 +1,353 @@
+"""Benchmark: which examples compressed MLPNets lose, against Feldman–Zhang memorization.
+
+Fashion-MNIST, MLPNet 784-300-100-10, a seeded training subset S of n examples:
+
+1. Memorization of S from ``runs`` models on random 70 % subsets (with test influence).
+2. Planted check: 5 % of S's labels flipped, memorization re-estimated; AUROC of the scores
+   for flipped vs clean (must be ≥ 0.9), and of every one-model proxy.
+3. Proxies (ours: WoodFisher self-influence ``g_iᵀF⁻¹g_i``; diagonal Fisher, gradient norm,
+   loss, margin) against the clean estimate: Spearman and AUROC for the top decile.
+4. 2·seeds dense models trained on all of S (same recipe): seeds 0..k-1 are the dense
+   population, k..2k-1 the reseed control. From each dense model of the population:
+   global magnitude and WoodFisher (block 100, automatic recompute steps, 95 % continued from
+   90 %) one-shot at 90/95 %; magnitude at the WoodFisher model's accuracy (sparsity bisected
+   on a validation split carved from the training set outside S, never the test set);
+   truncated SVD of every Linear layer at the same count of stored weights as 90/95 %
+   sparsity (one rank ratio for all layers; ``woodfisher.lowrank`` had not landed); per-channel
+   round-to-nearest 4- and 3-bit quantization.
+5. The mismatch analysis of every arm and the control (:func:`woodfisher.longtail.
+   mismatch_analysis`), and the equal-accuracy comparison WoodFisher vs magnitude: paired over
+   seeds, test disagreement with the dense parent.
+
+Dense and compressed models and the memorization runs are cached under
+``$WOODFISHER_BENCH_CACHE/longtail`` (a killed run resumes).
+
+Usage::
+
+    WOODFISHER_BENCH_CACHE=/work/cache PYTHONPATH=src python bench/longtail.py
+    WOODFISHER_BENCH_CACHE=/work/cache PYTHONPATH=src python bench/longtail.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import cache_dir, machine_info
+from rich.console import Console
+from rich.table import Table
+from scipy import stats as sps
+from torch.utils.data import TensorDataset
+
+from woodfisher.checkpoint import atomic_save_json, load_checkpoint, save_checkpoint
+from woodfisher.compare import pruning_batches
+from woodfisher.data import load_dataset
+from woodfisher.longtail import (
+    MEMORIZATION_DEFAULTS,
+    memorization,
+    mismatch_analysis,
+    proxy_scores,
+    rank_agreement,
+)
+from woodfisher.longtail.report import image_grid, plot_bins, plot_class_deltas, summary_table
+from woodfisher.longtail.stats import auroc, auroc_interval
+from woodfisher.models import build_model
+from woodfisher.params import select_modules
+from woodfisher.pruning import prune
+from woodfisher.quant import fake_quantize_model
+from woodfisher.train import evaluate, train
+
+FULL = {"n": 4000, "runs": 100, "planted_runs": 100, "seeds": 4, "val": 5000}
+QUICK = {"n": 1000, "runs": 16, "planted_runs": 16, "seeds": 2, "val": 2000}
+MODEL = "mlpnet"
+WOODFISHER = {"block_size": 100, "num_grads": 500}  # B=100: 3x cheaper than 500 on 2 cores
+FLIP = 0.05
+
+
+def recipe() -> dict:
+    return {k: MEMORIZATION_DEFAULTS[k] for k in
+            ("epochs", "lr", "batch_size", "momentum", "weight_decay", "schedule")}
+
+
+def flip_labels(y: torch.Tensor, frac: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(y), generator=g)[: int(round(frac * len(y)))]
+    noisy = y.clone()
+    noisy[idx] = (noisy[idx] + torch.randint(1, 10, (len(idx),), generator=g)) % 10
+    flipped = torch.zeros(len(y), dtype=torch.bool)
+    flipped[idx] = True
+    return noisy, flipped
+
+
+def cached(path: Path, make, *args):
+    """Load a checkpoint from ``path`` or build it with ``make(*args)``, save and return it."""
+    if path.is_file():
+        return load_checkpoint(path)[0]
+    model = make(*args)
+    spec = {"name": MODEL, "input_shape": [1, 28, 28], "num_classes": 10}
+    save_checkpoint(path, model, spec, {"dataset": "fashion-mnist"})
+    return model
+
+
+def train_dense(X, y, seed: int):
+    r = recipe()
+    torch.manual_seed(seed)
+    model = build_model(MODEL, (1, 28, 28), 10)
+    train(model, TensorDataset(X, y), epochs=r["epochs"], lr=r["lr"],
+          batch_size=r["batch_size"], seed=seed, momentum=r["momentum"],
+          weight_decay=r["weight_decay"], schedule=r["schedule"], progress=False)
+    return model.eval()
+
+
+def accuracy(model, X, y) -> float:
+    return evaluate(model, TensorDataset(X, y))["accuracy"]
+
+
+def magnitude_at(dense, batches, target: float, Xv, yv, hi: float) -> tuple[object, float]:
+    """Global magnitude pruning at the largest sparsity whose validation accuracy >= target."""
+    lo, best = 0.0, None
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        m = copy.deepcopy(dense)
+        prune(m, batches, mid, method="magnitude")
+        if accuracy(m, Xv, yv) >= target:
+            lo, best = mid, m
+        else:
+            hi = mid
+    if best is None:
+        best = copy.deepcopy(dense)
+    return best, lo
+
+
+def truncated_svd(dense, fraction: float) -> tuple[object, dict]:
+    """Every Linear weight replaced by its rank-r SVD truncation, one rank ratio for all
+    layers, with r(m + n) summed over layers <= fraction x the dense weight count."""
+    model = copy.deepcopy(dense)
+    mods = select_modules(model)
+    shapes = {k: tuple(m.weight.shape) for k, m in mods.items()}
+    total = sum(a * b for a, b in shapes.values())
+
+    def ranks(rho: float) -> dict:
+        return {k: max(1, int(rho * min(a, b))) for k, (a, b) in shapes.items()}
+
+    rho = max((r / 1000 for r in range(1, 1001)
+               if sum(rk * sum(shapes[k]) for k, rk in ranks(r / 1000).items())
+               <= fraction * total), default=0.001)
+    chosen = ranks(rho)
+    with torch.no_grad():
+        for k, mod in mods.items():
+            U, S, Vh = torch.linalg.svd(mod.weight, full_matrices=False)
+            r = chosen[k]
+            mod.weight.copy_(U[:, :r] @ torch.diag(S[:r]) @ Vh[:r])
+    stored = sum(chosen[k] * sum(shapes[k]) for k in shapes)
+    return model, {"ranks": chosen, "stored_fraction": stored / total}
+
+
+def quantized(dense, bits: int):
+    model = copy.deepcopy(dense)
+    fake_quantize_model(select_modules(model), bits)
+    return model
+
+
+def equal_accuracy(analysis: dict, pairs: list[tuple[str, str]]) -> list[dict]:
+    """Paired over seeds: test disagreement with the dense parent, WoodFisher vs magnitude."""
+    rows = []
+    for wf, mag in pairs:
+        a = np.array(analysis["arms"][wf]["test"]["disagreement"]["per_model"])
+        b = np.array(analysis["arms"][mag]["test"]["disagreement"]["per_model"])
+        acc_a = np.array(analysis["arms"][wf]["test"]["accuracy"]["per_model"])
+        acc_b = np.array(analysis["arms"][mag]["test"]["accuracy"]["per_model"])
+        t = sps.ttest_rel(a, b) if len(a) > 1 else None
+        rows.append({
+            "woodfisher": wf, "magnitude": mag,
+            "test_accuracy": [float(acc_a.mean()), float(acc_b.mean())],
+            "test_disagreement": [float(a.mean()), float(b.mean())],
+            "disagreement_difference": float((a - b).mean()),
+            "paired_t": None if t is None else float(t.statistic),
+            "paired_p": None if t is None else float(t.pvalue),
+            "train_exemplars": [analysis["arms"][wf]["exemplars"]["train"]["count"],
+                                analysis["arms"][mag]["exemplars"]["train"]["count"]],
+            "test_exemplars": [analysis["arms"][wf]["exemplars"]["test"]["count"],
+                               analysis["arms"][mag]["exemplars"]["test"]["count"]],
+            "auroc": [analysis["arms"][wf]["memorization"]["auroc"],
+                      analysis["arms"][mag]["memorization"]["auroc"]],
+        })
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="n=1000, 16 runs, 2 seeds")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    cfg = QUICK if args.quick else FULL
+    tag = "quick" if args.quick else "full"
+    out = args.out or Path(f"bench/results/longtail{'_quick' if args.quick else ''}.json")
+    figures = out.with_suffix("")
+    figures.mkdir(parents=True, exist_ok=True)
+    cache = cache_dir() / "longtail" / f"{tag}-n{cfg['n']}"
+    cache.mkdir(parents=True, exist_ok=True)
+    console = Console(width=170)
+    times: dict[str, float] = {}
+    started = time.perf_counter()
+    load_before = machine_info()["load_average"]
+
+    splits = load_dataset("fashion-mnist")
+    Xall, yall = splits.train.tensors
+    perm = torch.randperm(len(Xall), generator=torch.Generator().manual_seed(0))
+    S, V = perm[: cfg["n"]], perm[cfg["n"] : cfg["n"] + cfg["val"]]
+    X, y, Xv, yv = Xall[S], yall[S], Xall[V], yall[V]
+    Xt, yt = splits.test.tensors
+
+    t = time.perf_counter()
+    mem = memorization(X, y, model=MODEL, runs=cfg["runs"], test=(Xt, yt),
+                       workers=args.workers, run_dir=cache / "mem-clean")
+    times["memorization"] = time.perf_counter() - t
+    console.print(f"memorization: {mem.to_dict()}")
+
+    t = time.perf_counter()
+    noisy, flipped = flip_labels(y, FLIP, seed=1)
+    mem_p = memorization(X, noisy, model=MODEL, runs=cfg["planted_runs"], workers=args.workers,
+                         run_dir=cache / "mem-planted")
+    ok = ~mem_p.scores.isnan()
+    planted = {
+        "flipped": int(flipped.sum()), "fraction": FLIP,
+        "auroc": auroc(mem_p.scores[ok].numpy(), flipped[ok].numpy()),
+        "auroc_ci": list(auroc_interval(mem_p.scores[ok].numpy(), flipped[ok].numpy())),
+        "mean_memorization": {"flipped": float(mem_p.scores[flipped & ok].mean()),
+                              "clean": float(mem_p.scores[~flipped & ok].mean())},
+        "fit": {"flipped": float((mem_p.train_correct & mem_p.masks)[:, flipped].sum()
+                                 / mem_p.masks[:, flipped].sum()),
+                "clean": float((mem_p.train_correct & mem_p.masks)[:, ~flipped].sum()
+                               / mem_p.masks[:, ~flipped].sum())},
+        "memorization": mem_p.to_dict(),
+    }
+    times["planted_memorization"] = time.perf_counter() - t
+    console.print(f"planted: AUROC {planted['auroc']:.3f} {planted['auroc_ci']}")
+
+    t = time.perf_counter()
+    k = cfg["seeds"]
+    dense = [cached(cache / f"dense-seed{s}.pt", train_dense, X, y, s) for s in range(2 * k)]
+    noisy_dense = cached(cache / "dense-planted-seed0.pt", train_dense, X, noisy, 0)
+    times["dense_training"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    proxies = proxy_scores(dense[0], X, y, block_size=WOODFISHER["block_size"])
+    proxies_planted = proxy_scores(noisy_dense, X, noisy, block_size=WOODFISHER["block_size"])
+    proxy_report = {
+        "clean": rank_agreement(proxies, mem.scores),
+        "planted": rank_agreement(proxies_planted, mem_p.scores),
+        "planted_flipped_auroc": {name: auroc(p.numpy(), flipped.numpy())
+                                  for name, p in proxies_planted.items()},
+    }
+    times["proxies"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    arms: dict[str, list] = {}
+    extras: dict[str, list] = {}
+    for j in range(k):
+        parent = dense[j]
+        batches = pruning_batches(TensorDataset(X, y), len(X), seed=j)
+        for s in (0.9, 0.95):
+            arms.setdefault(f"magnitude {s:.0%}", []).append(cached(
+                cache / f"magnitude-{s}-seed{j}.pt", prune_copy, parent, batches, s,
+                "magnitude", j))
+        wf90 = cached(cache / f"woodfisher-0.9-seed{j}.pt", prune_copy, parent, batches, 0.9,
+                      "woodfisher", j)
+        wf95 = cached(cache / f"woodfisher-0.95-seed{j}.pt", prune_copy, wf90, batches, 0.95,
+                      "woodfisher", j)
+        arms.setdefault("woodfisher 90%", []).append(wf90)
+        arms.setdefault("woodfisher 95%", []).append(wf95)
+        for s, wf in ((0.9, wf90), (0.95, wf95)):
+            target = accuracy(wf, Xv, yv)
+            matched, sp = magnitude_at(parent, batches, target, Xv, yv, hi=s)
+            arms.setdefault(f"magnitude @ acc(wf {s:.0%})", []).append(matched)
+            extras.setdefault(f"magnitude @ acc(wf {s:.0%})", []).append(
+                {"sparsity": sp, "val_accuracy": accuracy(matched, Xv, yv),
+                 "target_val_accuracy": target})
+        for frac in (0.1, 0.05):
+            m, info = truncated_svd(parent, frac)
+            arms.setdefault(f"svd {frac:.0%} weights", []).append(m)
+            extras.setdefault(f"svd {frac:.0%} weights", []).append(info)
+        for bits in (4, 3):
+            arms.setdefault(f"rtn {bits}-bit", []).append(quantized(parent, bits))
+        console.print(f"compressed seed {j}: {time.perf_counter() - t:.0f} s")
+    times["compression"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    analysis = mismatch_analysis(dense[:k], arms, (X, y), (Xt, yt), mem, control=dense[k:])
+    times["analysis"] = time.perf_counter() - t
+    pairs = [("woodfisher 90%", "magnitude 90%"), ("woodfisher 95%", "magnitude 95%"),
+             ("woodfisher 90%", "magnitude @ acc(wf 90%)"),
+             ("woodfisher 95%", "magnitude @ acc(wf 95%)")]
+    equal = equal_accuracy(analysis, pairs)
+
+    plot_bins({**analysis, "arms": {a: analysis["arms"][a] for a in
+                                    ("magnitude 90%", "woodfisher 90%",
+                                     "magnitude @ acc(wf 90%)", "svd 10% weights",
+                                     "control (dense reseed)")}},
+              figures / "mismatch_vs_memorization.png")
+    plot_bins({**analysis, "arms": {a: analysis["arms"][a] for a in
+                                    ("magnitude 95%", "woodfisher 95%",
+                                     "magnitude @ acc(wf 95%)", "svd 5% weights", "rtn 3-bit",
+                                     "control (dense reseed)")}},
+              figures / "mismatch_vs_memorization_95.png")
+    plot_class_deltas({**analysis, "arms": {a: analysis["arms"][a] for a in
+                                            ("magnitude 95%", "woodfisher 95%",
+                                             "magnitude @ acc(wf 95%)",
+                                             "control (dense reseed)")}},
+                      figures / "class_deltas.png", "fashion-mnist")
+    image_grid(analysis, X, y, "magnitude 95%", figures / "exemplars_magnitude95.png",
+               "fashion-mnist")
+    image_grid(analysis, X, y, "woodfisher 95%", figures / "exemplars_woodfisher95.png",
+               "fashion-mnist")
+
+    console.print(summary_table(analysis))
+    table = Table(title="equal accuracy? test disagreement with the dense parent (paired)")
+    for col in ("woodfisher", "vs", "acc wf", "acc other", "disagree wf", "disagree other",
+                "diff", "p"):
+        table.add_column(col)
+    for r in equal:
+        table.add_row(r["woodfisher"], r["magnitude"], f"{r['test_accuracy'][0]:.2%}",
+                      f"{r['test_accuracy'][1]:.2%}", f"{r['test_disagreement'][0]:.2%}",
+                      f"{r['test_disagreement'][1]:.2%}", f"{r['disagreement_difference']:+.2%}",
+                      "—" if r["paired_p"] is None else f"{r['paired_p']:.2g}")
+    console.print(table)
+    console.print(f"planted AUROC {planted['auroc']:.3f}; proxies: {proxy_report}")
+    times["total"] = time.perf_counter() - started
+    result = {
+        "command": f"python bench/longtail.py{' --quick' if args.quick else ''}",
+        "config": {**cfg, "model": MODEL, "recipe": recipe(), "woodfisher": WOODFISHER,
+                   "flip": FLIP, "workers": args.workers},
+        "memorization": mem.to_dict(),
+        "planted": planted,
+        "proxies": proxy_report,
+        "dense_accuracy": {"test": [accuracy(m, Xt, yt) for m in dense],
+                           "validation": [accuracy(m, Xv, yv) for m in dense]},
+        "arm_details": extras,
+        "analysis": analysis,
+        "equal_accuracy": equal,
+        "times": times,
+        "load_average_before": load_before,
+        "machine": machine_info(),
+    }
+    from woodfisher.longtail.report import to_json
+
+    atomic_save_json(to_json(result), out)
+    console.print(f"wrote {out} and {figures}/ in {times['total']:.0f} s")
+
+
+def prune_copy(model, batches, sparsity: float, method: str, seed: int):
+    pruned = copy.deepcopy(model)
+    opts = WOODFISHER if method == "woodfisher" else {}
+    prune(pruned, batches, sparsity, method=method, seed=seed, **opts)
+    return pruned
+
+
+if __name__ == "__main__":
+    main()
