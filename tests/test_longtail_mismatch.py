@@ -23,6 +23,7 @@ from woodfisher.longtail import (
     modal,
     rank_agreement,
     self_influence,
+    self_influences,
 )
 from woodfisher.longtail.mismatch import check_bins
 from woodfisher.longtail.report import summary_table, to_json, write_report
@@ -201,7 +202,9 @@ def test_self_influence_matches_dense_oracles(small_net):
     diag = self_influence(net, X, y, "diagonal", num_grads=30)
     torch.testing.assert_close(diag, (G.pow(2) / (F.diagonal() + damp)).sum(1))
     torch.testing.assert_close(self_influence(net, X, y, "identity"), G.pow(2).sum(1))
-    with pytest.raises(ValueError, match="unknown self-influence"):
+    both = self_influences(net, X, y, ("identity", "diagonal"), num_grads=30, chunk_size=9)
+    torch.testing.assert_close(both["diagonal"], diag)
+    with pytest.raises(ValueError, match="unknown self-influence method"):
         self_influence(net, X, y, "hessian")
 
 

@@ -36,6 +36,7 @@ from woodfisher.longtail.proxies import (
     proxy_scores,
     rank_agreement,
     self_influence,
+    self_influences,
 )
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "proxy_scores",
     "rank_agreement",
     "self_influence",
+    "self_influences",
     # mismatches
     "MEMORIZATION_BINS",
     "analyze_predictions",

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ from woodfisher.gradients import sample_gradients
 from woodfisher.longtail.stats import auroc, spearman
 
 __all__ = ["SELF_INFLUENCE_METHODS", "margins", "proxy_scores", "rank_agreement",
-           "self_influence"]
+           "self_influence", "self_influences"]
 
 #: Curvatures :func:`self_influence` accepts; ``"identity"`` gives the squared gradient norm.
 SELF_INFLUENCE_METHODS = (*CURVATURES, "identity")
@@ -85,32 +86,80 @@ def self_influence(
     Raises:
         ValueError: On an unknown method or bad data.
     """
-    if method not in SELF_INFLUENCE_METHODS:
-        raise ValueError(f"unknown self-influence method {method!r}; choose from "
-                         f"{list(SELF_INFLUENCE_METHODS)}")
+    return self_influences(model, X, y, (method,), fisher_data=fisher_data,
+                           num_grads=num_grads, block_size=block_size, damp=damp,
+                           relative_damp=relative_damp, chunk_size=chunk_size, seed=seed,
+                           progress=progress)[method]
+
+
+def self_influences(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    methods: Sequence[str],
+    *,
+    fisher_data: Any = None,
+    num_grads: int | None = None,
+    block_size: int | None = 500,
+    damp: float | None = None,
+    relative_damp: float | None = None,
+    chunk_size: int = 256,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """:func:`self_influence` for several curvatures, computing each gradient once.
+
+    Args:
+        model: The trained model.
+        X: (n, ...) inputs.
+        y: (n,) labels.
+        methods: Names from :data:`SELF_INFLUENCE_METHODS`.
+        fisher_data: See :func:`self_influence` (also the other options).
+        num_grads: Gradients in each Fisher.
+        block_size: WoodFisher block size.
+        damp: Absolute damp.
+        relative_damp: Relative damp.
+        chunk_size: Examples whose gradients are held at once.
+        seed: Seed of the Fisher's sample.
+        progress: Show progress bars.
+
+    Returns:
+        Method name to (n,) float64 self-influence.
+
+    Raises:
+        ValueError: On an unknown method or bad data.
+    """
+    unknown = [m for m in methods if m not in SELF_INFLUENCE_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown self-influence method(s) {unknown or list(methods)}; choose "
+                         f"from {list(SELF_INFLUENCE_METHODS)}")
     if len(X) != len(y) or len(X) == 0:
         raise ValueError(f"X and y must hold the same positive number of examples, got "
                          f"{len(X)} and {len(y)}")
-    op = None
-    if method != "identity":
-        m = num_grads or min(500, len(X))
-        data = fisher_data if fisher_data is not None else _fisher_batches(X, y, m, seed)
+    m = num_grads or min(500, len(X))
+    data = fisher_data if fisher_data is not None else _fisher_batches(X, y, m, seed)
+    ops = {}
+    for method in methods:
+        if method == "identity":
+            ops[method] = None
+            continue
         opts: dict[str, Any] = {"num_grads": m, "damp": damp, "relative_damp": relative_damp}
         if method == "woodfisher":
             opts["block_size"] = block_size
         if method == "kfac":  # K-FAC counts batches and takes an absolute damp only
             opts = {"num_grads": len(data) if hasattr(data, "__len__") else None, "damp": damp}
-        op = fisher_inverse(model, data, method, seed=seed, progress=progress, **opts)
-    out = torch.empty(len(X), dtype=torch.float64)
+        ops[method] = fisher_inverse(model, data, method, seed=seed, progress=progress, **opts)
+    params = next((op.modules for op in ops.values() if op is not None), None)
+    out = {method: torch.empty(len(X), dtype=torch.float64) for method in methods}
     for s in range(0, len(X), chunk_size):
         xs, ys = X[s : s + chunk_size], y[s : s + chunk_size]
-        G = sample_gradients(model, (xs, ys), num_grads=len(xs),
-                             params=None if op is None else op.modules)
-        if op is None:
-            out[s : s + len(xs)] = G.double().pow(2).sum(1)
-        else:
-            Q = op.mul(G.T)
-            out[s : s + len(xs)] = (G.T.to(Q.dtype) * Q).sum(0).double()
+        G = sample_gradients(model, (xs, ys), num_grads=len(xs), params=params)
+        for method, op in ops.items():
+            if op is None:
+                out[method][s : s + len(xs)] = G.double().pow(2).sum(1)
+            else:
+                Q = op.mul(G.T)
+                out[method][s : s + len(xs)] = (G.T.to(Q.dtype) * Q).sum(0).double()
     return out
 
 
@@ -160,8 +209,8 @@ def proxy_scores(
     """
     base = margins(model, X, y)
     out = {"loss": base["loss"], "negative margin": -base["margin"]}
-    for method in methods:
-        out[f"self-influence ({method})"] = self_influence(model, X, y, method, **fisher_options)
+    scores = self_influences(model, X, y, methods, **fisher_options) if methods else {}
+    out.update({f"self-influence ({m})": v for m, v in scores.items()})
     return out
 
 
