@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,18 +58,19 @@ def stream_seed(seed: int, epoch: int, stream: str) -> int:
     return int.from_bytes(digest[:7], "big")
 
 
-def fingerprint(fields: dict[str, Any], model: nn.Module) -> str:
+def fingerprint(fields: dict[str, Any], model: nn.Module | Mapping[str, torch.Tensor]) -> str:
     """A hash of a job's options and of its starting model (names, shapes and values).
 
     Args:
         fields: The options that fix the result, JSON-able (others are hashed as ``str``).
-        model: The model the run starts from.
+        model: The model the run starts from, or named tensors the job reads (its data).
 
     Returns:
         16 hex digits; a resume file is accepted only with the same value.
     """
     h = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
-    for name, t in sorted(model.state_dict().items()):
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    for name, t in sorted(state.items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())

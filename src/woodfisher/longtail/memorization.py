@@ -44,7 +44,7 @@ from woodfisher.longtail.runs import (
     run_all,
     subset_size,
 )
-from woodfisher.reproducible import fingerprint
+from woodfisher.resume import fingerprint
 from woodfisher.train import SCHEDULES
 
 __all__ = ["MEMORIZATION_DEFAULTS", "Memorization", "estimate", "memorization"]

@@ -139,7 +139,7 @@ def plot_bins(analysis: dict[str, Any], path: str | os.PathLike, title: str = ""
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_savefig(fig, path)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
     return Path(path)
 
@@ -188,7 +188,7 @@ def plot_class_deltas(analysis: dict[str, Any], path: str | os.PathLike,
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_savefig(fig, path)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
     return Path(path)
 
@@ -250,7 +250,7 @@ def image_grid(
     fig.suptitle(f"{arm}: most memorized training exemplars (y label, D dense, C compressed mode)"
                  if order else f"{arm}: no training exemplars", fontsize=8)
     fig.tight_layout()
-    atomic_savefig(fig, path)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
     return Path(path)
 

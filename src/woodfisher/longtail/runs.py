@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from woodfisher.checkpoint import atomic_save, atomic_save_json
-from woodfisher.reproducible import derived_seed
+from woodfisher.resume import stream_seed
 
 __all__ = ["RUN_FORMAT", "RunStore", "run_all", "train_run"]
 
@@ -75,14 +75,14 @@ def train_run(k: int, job: dict[str, Any]) -> dict[str, Any]:
     X, y, opts = job["X"], job["y"], job["options"]
     n, seed = len(X), opts["seed"]
     size = subset_size(n, opts["subset"])
-    g = torch.Generator().manual_seed(derived_seed(seed, k, "subset"))
+    g = torch.Generator().manual_seed(stream_seed(seed, k, "subset"))
     idx = torch.randperm(n, generator=g)[:size].sort().values
     mask = torch.zeros(n, dtype=torch.bool)
     mask[idx] = True
-    torch.manual_seed(derived_seed(seed, k, "init"))
+    torch.manual_seed(stream_seed(seed, k, "init"))
     net = job["builder"]()
     train(net, TensorDataset(X[idx], y[idx]), epochs=opts["epochs"], lr=opts["lr"],
-          batch_size=opts["batch_size"], seed=derived_seed(seed, k, "train"),
+          batch_size=opts["batch_size"], seed=stream_seed(seed, k, "train"),
           momentum=opts["momentum"], weight_decay=opts["weight_decay"],
           schedule=opts["schedule"], progress=False)
     net.eval()
