@@ -12,9 +12,9 @@ Fashion-MNIST, MLPNet 784-300-100-10, a seeded training subset S of n examples:
    global magnitude and WoodFisher (block 100, automatic recompute steps, 95 % continued from
    90 %) one-shot at 90/95 %; magnitude at the WoodFisher model's accuracy (sparsity bisected
    on a validation split carved from the training set outside S, never the test set);
-   truncated SVD of every Linear layer at the same count of stored weights as 90/95 %
-   sparsity (one rank ratio for all layers; ``woodfisher.lowrank`` had not landed); per-channel
-   round-to-nearest 4- and 3-bit quantization.
+   low rank (``woodfisher.lowrank.decompose``, SVD of fc1 and fc2, classifier kept dense) at
+   10 % and 5 % of their weights, ranks by the uniform rule and by the Fisher-predicted loss
+   (validation batches); per-channel round-to-nearest 4- and 3-bit quantization.
 5. The mismatch analysis of every arm and the control (:func:`woodfisher.longtail.
    mismatch_analysis`), and the equal-accuracy comparison WoodFisher vs magnitude: paired over
    seeds, test disagreement with the dense parent.
@@ -55,6 +55,7 @@ from woodfisher.longtail import (
 )
 from woodfisher.longtail.report import image_grid, plot_bins, plot_class_deltas, summary_table
 from woodfisher.longtail.stats import auroc, auroc_interval
+from woodfisher.lowrank import decompose
 from woodfisher.models import build_model
 from woodfisher.params import select_modules
 from woodfisher.pruning import prune
@@ -121,30 +122,6 @@ def magnitude_at(dense, batches, target: float, Xv, yv, hi: float) -> tuple[obje
     if best is None:
         best = copy.deepcopy(dense)
     return best, lo
-
-
-def truncated_svd(dense, fraction: float) -> tuple[object, dict]:
-    """Every Linear weight replaced by its rank-r SVD truncation, one rank ratio for all
-    layers, with r(m + n) summed over layers <= fraction x the dense weight count."""
-    model = copy.deepcopy(dense)
-    mods = select_modules(model)
-    shapes = {k: tuple(m.weight.shape) for k, m in mods.items()}
-    total = sum(a * b for a, b in shapes.values())
-
-    def ranks(rho: float) -> dict:
-        return {k: max(1, int(rho * min(a, b))) for k, (a, b) in shapes.items()}
-
-    rho = max((r / 1000 for r in range(1, 1001)
-               if sum(rk * sum(shapes[k]) for k, rk in ranks(r / 1000).items())
-               <= fraction * total), default=0.001)
-    chosen = ranks(rho)
-    with torch.no_grad():
-        for k, mod in mods.items():
-            U, S, Vh = torch.linalg.svd(mod.weight, full_matrices=False)
-            r = chosen[k]
-            mod.weight.copy_(U[:, :r] @ torch.diag(S[:r]) @ Vh[:r])
-    stored = sum(chosen[k] * sum(shapes[k]) for k in shapes)
-    return model, {"ranks": chosen, "stored_fraction": stored / total}
 
 
 def quantized(dense, bits: int):
@@ -253,6 +230,7 @@ def main() -> None:
     for j in range(k):
         parent = dense[j]
         batches = pruning_batches(TensorDataset(X, y), len(X), seed=j)
+        val = pruning_batches(TensorDataset(Xv, yv), len(Xv), seed=j)
         for s in (0.9, 0.95):
             arms.setdefault(f"magnitude {s:.0%}", []).append(cached(
                 cache / f"magnitude-{s}-seed{j}.pt", prune_copy, parent, batches, s,
@@ -270,10 +248,14 @@ def main() -> None:
             extras.setdefault(f"magnitude @ acc(wf {s:.0%})", []).append(
                 {"sparsity": sp, "val_accuracy": accuracy(matched, Xv, yv),
                  "target_val_accuracy": target})
-        for frac in (0.1, 0.05):
-            m, info = truncated_svd(parent, frac)
-            arms.setdefault(f"svd {frac:.0%} weights", []).append(m)
-            extras.setdefault(f"svd {frac:.0%} weights", []).append(info)
+        for rule, frac in (("uniform", 0.1), ("fisher", 0.1), ("fisher", 0.05)):
+            name = f"lowrank {rule} {frac:.0%}"
+            m = decompose(parent, params=frac, method="svd", ranks=rule, data=val,
+                          seed=j)
+            arms.setdefault(name, []).append(m.eval())
+            extras.setdefault(name, []).append(
+                {"params_fraction": m.lowrank["params_fraction"],
+                 "ranks": {r["name"]: r["rank"] for r in m.lowrank["layers"]}})
         for bits in (4, 3):
             arms.setdefault(f"rtn {bits}-bit", []).append(quantized(parent, bits))
         console.print(f"compressed seed {j}: {time.perf_counter() - t:.0f} s")
@@ -289,12 +271,12 @@ def main() -> None:
 
     plot_bins({**analysis, "arms": {a: analysis["arms"][a] for a in
                                     ("magnitude 90%", "woodfisher 90%",
-                                     "magnitude @ acc(wf 90%)", "svd 10% weights",
+                                     "magnitude @ acc(wf 90%)", "lowrank fisher 10%",
                                      "control (dense reseed)")}},
               figures / "mismatch_vs_memorization.png")
     plot_bins({**analysis, "arms": {a: analysis["arms"][a] for a in
                                     ("magnitude 95%", "woodfisher 95%",
-                                     "magnitude @ acc(wf 95%)", "svd 5% weights", "rtn 3-bit",
+                                     "magnitude @ acc(wf 95%)", "lowrank fisher 5%", "rtn 3-bit",
                                      "control (dense reseed)")}},
               figures / "mismatch_vs_memorization_95.png")
     plot_class_deltas({**analysis, "arms": {a: analysis["arms"][a] for a in
