@@ -4,7 +4,9 @@ workers and resumes, a planted check and bad input."""
 from __future__ import annotations
 
 import functools
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,7 +64,7 @@ def test_estimate_and_influence_match_explicit_loops():
     assert infl_se.shape == (30, 7) and infl[0].isnan().all()
 
 
-def test_workers_and_resume_give_the_same_result(digits, tmp_path):
+def test_workers_and_resume_give_the_same_result(digits, tmp_path, monkeypatch):
     X, y, Xt, yt = digits
     kw = dict(model="mlpnet-small", epochs=2, test=(Xt, yt), progress=False)
     state = torch.get_rng_state()
@@ -76,8 +78,16 @@ def test_workers_and_resume_give_the_same_result(digits, tmp_path):
     # An interrupted job: two runs are missing; the rerun trains only those.
     (runs / "run-00001.pt").unlink()
     (runs / "run-00003.pt").unlink()
+    log = tmp_path / "events.jsonl"
+    monkeypatch.setenv("WOODFISHER_EVENT_LOG", str(log))
     resumed = memorization(X, y, runs=4, workers=1, run_dir=runs, **kw)
+    monkeypatch.delenv("WOODFISHER_EVENT_LOG")
     assert resumed.times["trained_now"] == 2
+    # Each run saved is announced once the file is there (what a fault harness waits for).
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(e["event"], e["run"]) for e in events] == [("memorization_run_saved", 1),
+                                                        ("memorization_run_saved", 3)]
+    assert all(Path(e["path"]).is_file() for e in events)
     assert torch.equal(resumed.train_correct, ref.train_correct)
     more = memorization(X, y, runs=5, workers=1, run_dir=runs, **kw)
     assert more.times["trained_now"] == 1 and torch.equal(more.masks[:4], ref.masks)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from woodfisher.checkpoint import atomic_save, atomic_save_json
+from woodfisher.events import emit
 from woodfisher.resume import stream_seed
 
 __all__ = ["RUN_FORMAT", "RunStore", "run_all", "train_run"]
@@ -180,9 +181,15 @@ class RunStore:
         return found
 
     def save(self, record: dict[str, Any]) -> None:
-        """Write one finished run atomically (nothing when the store has no directory)."""
+        """Write one finished run atomically (nothing when the store has no directory).
+
+        Each run written is announced as the event ``memorization_run_saved`` (see
+        :mod:`woodfisher.events`), the point where a killed job has that run to resume from.
+        """
         if self.path is not None:
-            atomic_save(record, self._file(record["k"]))
+            path = self._file(record["k"])
+            atomic_save(record, path)
+            emit("memorization_run_saved", run=int(record["k"]), path=str(path))
 
 
 _WORKER_JOB: dict[str, Any] = {}
