@@ -161,12 +161,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="n=1000, 16 runs, 2 seeds")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--memorization-only", action="store_true",
+                        help="parts 1-3 only (memorization, planted check, proxies; one dense "
+                        "model each), no compression")
     args = parser.parse_args()
     cfg = QUICK if args.quick else FULL
     tag = "quick" if args.quick else "full"
-    out = args.out or Path(f"bench/results/longtail{'_quick' if args.quick else ''}.json")
+    name = ("longtail" + ("_quick" if args.quick else "")
+            + ("_memorization" if args.memorization_only else ""))
+    out = args.out or Path(f"bench/results/{name}.json")
     figures = out.with_suffix("")
-    figures.mkdir(parents=True, exist_ok=True)
+    if not args.memorization_only:
+        figures.mkdir(parents=True, exist_ok=True)
     cache = cache_dir() / "longtail" / f"{tag}-n{cfg['n']}"
     cache.mkdir(parents=True, exist_ok=True)
     console = Console(width=170)
@@ -209,7 +215,8 @@ def main() -> None:
 
     t = time.perf_counter()
     k = cfg["seeds"]
-    dense = [cached(cache / f"dense-seed{s}.pt", train_dense, X, y, s) for s in range(2 * k)]
+    dense = [cached(cache / f"dense-seed{s}.pt", train_dense, X, y, s)
+             for s in range(1 if args.memorization_only else 2 * k)]
     noisy_dense = cached(cache / "dense-planted-seed0.pt", train_dense, X, noisy, 0)
     times["dense_training"] = time.perf_counter() - t
 
@@ -223,6 +230,21 @@ def main() -> None:
                                   for name, p in proxies_planted.items()},
     }
     times["proxies"] = time.perf_counter() - t
+    command = (f"python bench/longtail.py{' --quick' if args.quick else ''}"
+               f"{' --memorization-only' if args.memorization_only else ''}")
+    if args.memorization_only:
+        console.print(f"planted AUROC {planted['auroc']:.3f}; proxies: {proxy_report}")
+        times["total"] = time.perf_counter() - started
+        write(out, {
+            "command": command,
+            "config": {**cfg, "model": MODEL, "recipe": recipe(), "woodfisher": WOODFISHER,
+                       "flip": FLIP, "workers": args.workers},
+            "memorization": mem.to_dict(), "planted": planted, "proxies": proxy_report,
+            "dense_accuracy": {"test": accuracy(dense[0], Xt, yt),
+                               "validation": accuracy(dense[0], Xv, yv)},
+            "times": times, "load_average_before": load_before, "machine": machine_info()})
+        console.print(f"wrote {out} in {times['total']:.0f} s")
+        return
 
     t = time.perf_counter()
     arms: dict[str, list] = {}
@@ -303,7 +325,7 @@ def main() -> None:
     console.print(f"planted AUROC {planted['auroc']:.3f}; proxies: {proxy_report}")
     times["total"] = time.perf_counter() - started
     result = {
-        "command": f"python bench/longtail.py{' --quick' if args.quick else ''}",
+        "command": command,
         "config": {**cfg, "model": MODEL, "recipe": recipe(), "woodfisher": WOODFISHER,
                    "flip": FLIP, "workers": args.workers},
         "memorization": mem.to_dict(),
@@ -318,10 +340,14 @@ def main() -> None:
         "load_average_before": load_before,
         "machine": machine_info(),
     }
+    write(out, result)
+    console.print(f"wrote {out} and {figures}/ in {times['total']:.0f} s")
+
+
+def write(out: Path, result: dict) -> None:
     from woodfisher.longtail.report import to_json
 
     atomic_save_json(to_json(result), out)
-    console.print(f"wrote {out} and {figures}/ in {times['total']:.0f} s")
 
 
 def prune_copy(model, batches, sparsity: float, method: str, seed: int):
