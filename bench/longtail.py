@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 from pathlib import Path
 
@@ -161,10 +162,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="n=1000, 16 runs, 2 seeds")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--markdown", type=Path, nargs="+", default=None,
+                        help="print the docs' markdown tables of result JSON files and exit")
     parser.add_argument("--memorization-only", action="store_true",
                         help="parts 1-3 only (memorization, planted check, proxies; one dense "
                         "model each), no compression")
     args = parser.parse_args()
+    if args.markdown:
+        for path in args.markdown:
+            print(markdown(json.loads(path.read_text())))
+        return
     cfg = QUICK if args.quick else FULL
     tag = "quick" if args.quick else "full"
     name = ("longtail" + ("_quick" if args.quick else "")
@@ -342,6 +349,68 @@ def main() -> None:
     }
     write(out, result)
     console.print(f"wrote {out} and {figures}/ in {times['total']:.0f} s")
+
+
+def _p(x, fmt: str = ".3f") -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def markdown(r: dict) -> str:
+    """The docs' tables of one result file."""
+    cfg, mem, pl = r["config"], r["memorization"], r["planted"]
+    lines = [f"`{r['command']}` — n={cfg['n']} training examples, MLPNet, "
+             f"{mem['runs']} clean / {pl['memorization']['runs']} planted runs, "
+             f"{r['times']['total']:.0f} s, load average before {r['load_average_before']}",
+             "", "| memorization | value |", "|---|---|",
+             f"| runs fit their own subset | {mem['fit']:.2%} |",
+             f"| held-out accuracy of the runs | {mem['held_out_accuracy']:.2%} |",
+             f"| mean score; 75th / 90th percentile | {mem['mean_score']:.3f}; "
+             f"{mem['score_quantiles']['0.75']:.3f} / {mem['score_quantiles']['0.9']:.3f} |",
+             f"| planted: {pl['flipped']} flipped labels, AUROC of mem (flipped vs clean) "
+             f"[95 % CI] | **{pl['auroc']:.3f}** [{pl['auroc_ci'][0]:.3f}, "
+             f"{pl['auroc_ci'][1]:.3f}] |",
+             f"| planted: mean mem flipped / clean | {pl['mean_memorization']['flipped']:.3f} / "
+             f"{pl['mean_memorization']['clean']:.3f} |",
+             f"| planted: runs fit flipped / clean in-subset labels | {pl['fit']['flipped']:.2%} / "
+             f"{pl['fit']['clean']:.2%} |", "",
+             "| proxy (one dense model) | Spearman ρ vs mem | AUROC top decile | "
+             "AUROC flipped (planted) |", "|---|---|---|---|"]
+    px = r["proxies"]
+    for name, row in px["clean"].items():
+        lines.append(f"| {name} | {row['spearman']:.3f} | {row['auroc_top']:.3f} | "
+                     f"{px['planted_flipped_auroc'][name]:.3f} |")
+    if "analysis" not in r:
+        return "\n".join(lines)
+    a = r["analysis"]
+    lines += ["", "| arm | M | test acc | dis train | dis test | CIE train | CIE test | AUROC mem "
+              "[CI] | ρ | logit coef (z) | Δ AUROC vs control [CI] |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, arm in a["arms"].items():
+        m = arm["memorization"]
+        coef = m["logistic"]["coef"]["memorization"]
+        vs = arm.get("vs_control")
+        lines.append(
+            f"| {name} | {arm['models']} | {arm['test']['accuracy']['mean']:.2%} | "
+            f"{arm['train']['disagreement']['mean']:.2%} | "
+            f"{arm['test']['disagreement']['mean']:.2%} | {arm['exemplars']['train']['count']} | "
+            f"{arm['exemplars']['test']['count']} | {_p(m['auroc'])} "
+            f"[{_p(m['auroc_ci'][0], '.2f')}, {_p(m['auroc_ci'][1], '.2f')}] | "
+            f"{_p(m['spearman_disagreement']['rho'])} | "
+            f"{_p(coef['coef'], '+.2f')} ({_p(coef['z'], '+.1f')}) | "
+            + ("—" if vs is None else f"{vs['auroc_difference']:+.3f} "
+               f"[{vs['auroc_difference_ci'][0]:+.2f}, {vs['auroc_difference_ci'][1]:+.2f}]")
+            + " |")
+    lines += ["", "| WoodFisher | vs | test acc WF / other | test disagreement WF / other | "
+              "paired diff (p) | CIE train WF / other | AUROC WF / other |",
+              "|---|---|---|---|---|---|---|"]
+    for e in r["equal_accuracy"]:
+        lines.append(
+            f"| {e['woodfisher']} | {e['magnitude']} | {e['test_accuracy'][0]:.2%} / "
+            f"{e['test_accuracy'][1]:.2%} | {e['test_disagreement'][0]:.2%} / "
+            f"{e['test_disagreement'][1]:.2%} | {e['disagreement_difference']:+.2%} "
+            f"({_p(e['paired_p'], '.2g')}) | {e['train_exemplars'][0]} / "
+            f"{e['train_exemplars'][1]} | {_p(e['auroc'][0])} / {_p(e['auroc'][1])} |")
+    return "\n".join(lines)
 
 
 def write(out: Path, result: dict) -> None:
