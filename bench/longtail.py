@@ -360,7 +360,8 @@ def markdown(r: dict) -> str:
     cfg, mem, pl = r["config"], r["memorization"], r["planted"]
     lines = [f"`{r['command']}` — n={cfg['n']} training examples, MLPNet, "
              f"{mem['runs']} clean / {pl['memorization']['runs']} planted runs, "
-             f"{r['times']['total']:.0f} s, load average before {r['load_average_before']}",
+             f"{r['times']['total']:.0f} s, load average before "
+             f"{' '.join(format(x, '.1f') for x in r['load_average_before'])}",
              "", "| memorization | value |", "|---|---|",
              f"| runs fit their own subset | {mem['fit']:.2%} |",
              f"| held-out accuracy of the runs | {mem['held_out_accuracy']:.2%} |",
