@@ -305,6 +305,29 @@ def test_accounting_matches_a_hand_count(tmp_path):
     json.dumps(rep)
 
 
+def test_quantized_storage_of_a_pruned_model_decodes_onto_the_grid():
+    # Oracle: the model quantized by hand (fake_quantize of each effective weight, zeros kept).
+    # At 80 dB a read is far inside half a grid step, so every draw decodes exactly that model.
+    from woodfisher.quant import fake_quantize
+    from woodfisher.train import evaluate
+
+    test = load_dataset("digits").test
+    net = _toy()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rep = simulate(net, test, "sign,adaptive", cells=1, trials=2, quant_bits=3,
+                   channel="gaussian:snr=80")
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    by_hand = _toy(prune_first=False)
+    with torch.no_grad():
+        for i in (1, 3):
+            by_hand[i].weight.copy_(fake_quantize(net[i].weight.detach(), 3))
+    expected = evaluate(by_hand, test)["accuracy"]
+    assert rep["clean_accuracy"] == pytest.approx(expected)
+    assert rep["accuracies"] == pytest.approx([expected, expected])
+    assert rep["stored_weights"] <= 64 * 20 * 3 // 4 + 20 * 10  # pruned weights take no cell
+    assert rep["other_params"] == 20 + 10
+
+
 # ------------------------------------------------------------------------- end to end
 
 
