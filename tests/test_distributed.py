@@ -257,7 +257,7 @@ def test_mismatched_world_size_fails_on_every_rank(tmp_path):
 
 
 GRADUAL = ["--sparsity", "0.8", "--epochs", "2", "--num-grads", "64", "--block-size", "64",
-           "--batch-size", "64", "--json", "-q"]
+           "--recompute-by", "downdate", "--batch-size", "64", "--json", "-q"]
 
 
 def _gradual_worker(rank: int, world: int, ckpt: str, out: str) -> None:

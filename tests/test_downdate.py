@@ -230,6 +230,17 @@ def test_auto_chooses_downdate_only_where_it_applies():
         downdate_applies("woodfisher", False, 1000, 500, 10**6, "sometimes")
 
 
+def test_structured_patterns_and_flop_targets_refuse_downdate_and_auto_resamples():
+    model, data = _tiny(seed=4, dtype=torch.float32)
+    for kw in ({"pattern": "2:4", "sparsity": None}, {"target": "flops", "sparsity": 0.5}):
+        with pytest.raises(ValueError, match="recompute_by='resample'"):
+            prune(copy.deepcopy(model), data, num_grads=64, block_size=64,
+                  recompute_by="downdate", **kw)
+    res = prune(copy.deepcopy(model), data, None, pattern="2:4", num_grads=64, block_size=64,
+                recompute_by="auto")
+    assert res.path == "resample" and res.pattern == "2:4"
+
+
 def test_gradient_chunks_are_the_rows_of_one_pass_and_skip_others_samples():
     import woodfisher as wf
 

@@ -381,6 +381,7 @@ def gradual(
     damp: Annotated[str | None, typer.Option(help=DAMP_HELP)] = None,
     relative_damp: Annotated[float | None, typer.Option(help=GRADUAL_RELATIVE_DAMP_HELP)] = None,
     update: Annotated[str | None, typer.Option(help=UPDATE_HELP)] = None,
+    recompute_by: Annotated[str | None, typer.Option(help=RECOMPUTE_BY_HELP)] = None,
     train_subset: Annotated[
         int | None, typer.Option(help="Use only the first N training samples.")
     ] = None,
@@ -410,7 +411,7 @@ def gradual(
 def _gradual_command(
     checkpoint, checkpoint_opt, sparsity, initial_sparsity, epochs, start, end, prune_every,
     method, pattern, target, lr, batch_size, num_grads, block_size, damp, relative_damp, update,
-    train_subset, seed, out, resume, data_dir, device, quiet, json_out, lead,
+    recompute_by, train_subset, seed, out, resume, data_dir, device, quiet, json_out, lead,
 ) -> None:
     from woodfisher.device import resolve_device
 
@@ -429,6 +430,7 @@ def _gradual_command(
         "num_grads": num_grads,
         "block_size": block_size,
         "update": update,
+        "recompute_by": recompute_by,
         **_damp_options(damp, relative_damp),
         "pattern": None if pattern == "unstructured" else pattern,
         "target": None if target == "params" else target,
