@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 DATA_DIR ?= /usr/share/datasets/fashion-mnist
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint data clean-venv
+.PHONY: demo test test-slow lint data clean-venv
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/python -m pytest -q
+
+# The checks kept out of the default run (real SIGKILLs of CLI runs, bigger models); CI runs
+# them after `make test` so that they cannot rot.
+test-slow: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m slow
 
 clean-venv:
 	rm -rf $(VENV)

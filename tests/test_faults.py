@@ -6,11 +6,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+import faults
 from woodfisher.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
@@ -121,3 +123,44 @@ def test_checkpoint_of_a_newer_format_is_refused_with_the_version(digits_ckpt, t
     truncated.write_bytes(digits_ckpt.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="not a woodfisher checkpoint"):
         load_checkpoint(truncated)
+
+
+LOWRANK_ARGS = ["--params", "0.5", "--min-weights", "0", "--ranks", "uniform",
+                "--finetune", "5", "--lr", "0.05", "-q"]
+
+
+def test_lowrank_resume_without_a_resume_file_or_out_is_a_one_line_error(digits_ckpt, tmp_path):
+    out = tmp_path / "small.pt"
+    res = CliRunner().invoke(app, ["lowrank", str(digits_ckpt), *LOWRANK_ARGS, "--resume"])
+    assert res.exit_code == 2 and "give --finetune N and the same --out" in res.output
+    res = CliRunner().invoke(app, ["lowrank", str(digits_ckpt), *LOWRANK_ARGS, "--resume",
+                                   "--out", str(out)])
+    assert res.exit_code == 2 and "no resume file at" in res.output
+    assert not out.exists()
+
+
+@pytest.mark.slow  # three fresh processes importing torch: ~15 s idle
+def test_lowrank_finetune_sigkill_then_resume_equals_uninterrupted(digits_ckpt, tmp_path):
+    """`lowrank --finetune` killed at a random epoch and resumed ends with the weights of an
+    uninterrupted run, and its losses equal."""
+    ref, cut = tmp_path / "ref.pt", tmp_path / "cut.pt"
+    res = CliRunner().invoke(app, ["lowrank", str(digits_ckpt), *LOWRANK_ARGS, "--out", str(ref)])
+    assert res.exit_code == 0, res.output
+    rng = random.Random(1)
+    argv = faults.cli_command("lowrank", str(digits_ckpt), *LOWRANK_ARGS, "--out", str(cut))
+    nth = rng.randint(1, 4)  # never the last epoch (5)
+    faults.kill_at_event(argv, tmp_path, "epoch_saved", nth, rng)
+    assert not cut.exists()
+    done = torch.load(cut.with_suffix(".resume.pt"), weights_only=True)["next_epoch"]
+    assert nth <= done < 5
+    out = faults.run_to_end(argv + ["--resume", "--json"])
+    assert json.loads(out.stdout)["finetune"]["resumed_from"] == done
+    a, _ = load_checkpoint(ref)
+    b, _ = load_checkpoint(cut)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    la = json.loads(ref.with_suffix(".json").read_text())["finetune"]
+    lb = json.loads(cut.with_suffix(".json").read_text())["finetune"]
+    assert la["losses"] == lb["losses"] and la["distill"] == lb["distill"]

@@ -93,6 +93,9 @@ def lowrank(
     keep_classifier: Annotated[
         bool, typer.Option(help="Keep the output layer dense (RENE's default).")
     ] = True,
+    resume: Annotated[
+        bool, typer.Option(help="Continue a killed --finetune run from OUT.resume.pt.")
+    ] = False,
     seed: Seed = 0,
     data_dir: DataDir = None,
     out: Annotated[
@@ -122,6 +125,12 @@ def lowrank(
         raise ValueError(f"--prune must be a sparsity in [0, 1), got {prune}")
     if finetune < 0:
         raise ValueError(f"--finetune must be >= 0 epochs, got {finetune}")
+    if resume and (out is None or not finetune):
+        raise ValueError("--resume continues a --finetune run from OUT.resume.pt: give "
+                         "--finetune N and the same --out as the killed run")
+    resume_path = out.with_suffix(".resume.pt") if out is not None and finetune else None
+    if resume_path is not None:
+        check_writable(resume_path)
     log = _stderr_log(quiet)
     model, info, splits = _checkpoint_and_data(checkpoint, None, data_dir)
     if params is None and flops is None and isinstance(_parse_ranks(ranks), str):
@@ -146,7 +155,8 @@ def lowrank(
             data = torch.utils.data.TensorDataset(*(t[:train_subset] for t in data.tensors))
         log(f"fine-tuning {finetune} epochs with distillation (lam={lam}, lr={lr})")
         report["finetune"] = finetune_model(small, model, data, finetune, lr=lr, lam=lam,
-                                            seed=seed, progress=not quiet)
+                                            seed=seed, progress=not quiet,
+                                            resume_path=resume_path, resume=resume)
         report["finetuned"] = evaluate(small, splits.test)
     if prune is not None:
         from woodfisher.pruning import prune as prune_model

@@ -16,7 +16,9 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable
@@ -26,12 +28,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from woodfisher.events import emit
 from woodfisher.lowrank.layers import compose, factorise, factorised_layers
 from woodfisher.lowrank.measures import effective_rank, unfold
+from woodfisher.resume import fingerprint, load_resume, save_resume
 
 __all__ = ["finetune", "preset_model", "rank_penalty", "train_rank_penalised"]
 
 PENALTIES = ("erank", "nuclear")
+_RESUME_FORMAT = "woodfisher-lowrank-finetune-resume-1"
 
 
 def _capture(model: nn.Module, names: list[str], store: dict[str, torch.Tensor]) -> list:
@@ -65,8 +70,14 @@ def finetune(
     schedule: str = "cosine",
     seed: int = 0,
     progress: bool = False,
+    resume_path: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune a decomposed model against its original, in place (pruning masks kept).
+
+    With ``resume_path`` a resume file (student, optimizer, losses) is written atomically after
+    every epoch; a killed run restarted with ``resume=True`` (same student, teacher, data and
+    options) ends with the weights of an uninterrupted run.
 
     Args:
         model: The student (from :func:`~woodfisher.lowrank.decompose`).
@@ -82,13 +93,15 @@ def finetune(
         schedule: Learning-rate schedule of :func:`woodfisher.train.lr_at`.
         seed: Seed of the shuffling.
         progress: Show a progress bar.
+        resume_path: Resume file written after every epoch (None: none).
+        resume: Continue from ``resume_path``.
 
     Returns:
-        ``{"epochs", "losses", "ce", "distill", "time_s", "lr", "lam", "seed"}``.
+        ``{"epochs", "losses", "ce", "distill", "time_s", "lr", "lam", "seed", "resumed_from"}``.
 
     Raises:
-        ValueError: If the student has no factorised layer matching a teacher layer, or a
-            hyper-parameter is out of range.
+        ValueError: If the student has no factorised layer matching a teacher layer, a
+            hyper-parameter is out of range, or the resume file is missing or of another run.
     """
     from woodfisher.data import as_batches
     from woodfisher.train import enforce_masks, lr_at
@@ -104,10 +117,26 @@ def finetune(
         raise ValueError("the model has no factorised layer that the teacher also has; "
                          "pass the model decompose() returned and the model it was made from")
     targets = {n: teacher_mods[n].weight.detach() for n in names}
+    if resume and resume_path is None:
+        raise ValueError("resume=True needs resume_path")
+    options = {"epochs": epochs, "lr": lr, "lam": lam, "batch_size": batch_size,
+               "momentum": momentum, "weight_decay": weight_decay, "schedule": schedule,
+               "seed": seed, "teacher": fingerprint({}, teacher), "data": _describe(data)}
+    run_id = fingerprint(options, model)
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0,
                           weight_decay=weight_decay)
+    history: dict[str, list[float]] = {"losses": [], "ce": [], "distill": []}
+    first_epoch = 0
+    if resume:
+        state = load_resume(resume_path, run_id, _RESUME_FORMAT, "lowrank --finetune")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        first_epoch = int(state["next_epoch"])
+        for row in state["history"]:
+            for key in history:
+                history[key].append(row[key])
     per_epoch = _steps(data, batch_size)
     total = per_epoch * epochs if per_epoch else None
     student_out: dict[str, torch.Tensor] = {}
@@ -115,11 +144,10 @@ def finetune(
     handles = _capture(model, names, student_out) + _capture(teacher, names, teacher_out)
     was_teacher = teacher.training
     teacher.eval()
-    history: dict[str, list[float]] = {"losses": [], "ce": [], "distill": []}
-    start, step = time.perf_counter(), 0
+    start, step = time.perf_counter(), first_epoch * (per_epoch or 0)
     try:
         model.train()
-        for epoch in range(epochs):
+        for epoch in range(first_epoch, epochs):
             sums = {"losses": 0.0, "ce": 0.0, "distill": 0.0}
             count = 0
             bar = tqdm(as_batches(data, batch_size, shuffle=True, seed=seed + epoch),
@@ -151,13 +179,34 @@ def finetune(
             bar.close()
             for key in sums:
                 history[key].append(sums[key] / max(count, 1))
+            if resume_path is not None:
+                rows = [dict(zip(history, vals, strict=True))
+                        for vals in zip(*history.values(), strict=True)]
+                save_resume(resume_path, fmt=_RESUME_FORMAT, fingerprint=run_id,
+                            next_epoch=epoch + 1, model=model, optimizer=opt, history=rows,
+                            config=options)
+            emit("epoch_saved", epoch=epoch + 1, resume=str(resume_path))
     finally:
         for h in handles:
             h.remove()
         teacher.train(was_teacher)
         model.eval()
     return {"epochs": epochs, **history, "time_s": time.perf_counter() - start, "lr": lr,
-            "lam": lam, "seed": seed, "batch_size": batch_size}
+            "lam": lam, "seed": seed, "batch_size": batch_size,
+            "resumed_from": first_epoch if resume else None}
+
+
+def _describe(data: Any) -> Any:
+    """What identifies the training data in a fingerprint: its size and, for tensors, a hash."""
+    if isinstance(data, torch.utils.data.TensorDataset):
+        h = hashlib.sha256()
+        for t in data.tensors:
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return [len(data), h.hexdigest()[:16]]
+    try:
+        return len(data)
+    except TypeError:
+        return None
 
 
 def rank_penalty(modules: dict[str, nn.Module], penalty: str = "erank") -> torch.Tensor:
