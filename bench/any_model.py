@@ -1,7 +1,7 @@
 """Benchmark: models no one here wrote, pruned as they are (the README's "Your own model").
 
 Three models, each trained here on a small task and pruned one-shot (global threshold, no
-fine-tuning) with WoodFisher and with global magnitude at 50 % and 70 %:
+fine-tuning) with WoodFisher and with global magnitude at 50, 80 and 90 %:
 
 1. a torchvision-free CNN with depthwise-separable convolutions on scikit-learn's 8×8 digits;
 2. an LSTM classifier (embedding → 2-layer LSTM → linear) on a synthetic sequence task;
@@ -15,8 +15,8 @@ and the sparsity reached in each parameter kind (attention q/k/v, rnn gates, con
 
 Usage::
 
-    PYTHONPATH=src:bench python bench/any_model.py              # ~5 min on 2 idle cores
-    PYTHONPATH=src:bench python bench/any_model.py --quick      # ~1 min
+    PYTHONPATH=src:bench python bench/any_model.py              # ~15 min on 2 busy cores
+    PYTHONPATH=src:bench python bench/any_model.py --quick      # ~8 min
 """
 
 from __future__ import annotations
@@ -122,8 +122,11 @@ def cases(quick: bool) -> list[dict]:
          "test": seq_test, "epochs": 10 if quick else 25, "lr": 0.5},
     ]
     try:
+        # SGD leaves this BERT near chance (47 % at lr 0.01 and 0.002, 20 epochs); AdamW at
+        # 3e-3 learns the task.
         out.append({"name": "BERT from config (sequences)", "model": bert(0), "train": hf,
-                    "test": hf_test, "epochs": 8 if quick else 20, "lr": 0.05})
+                    "test": hf_test, "epochs": 10 if quick else 20, "lr": 3e-3,
+                    "adamw": True})
     except ImportError:
         print("transformers is not installed: the BERT case is skipped (pip install '.[hf]')")
     return out
@@ -137,13 +140,14 @@ def main() -> None:
     rows = []
     for case in cases(args.quick):
         model = case["model"]
-        t0 = time.perf_counter()
+        opt = torch.optim.AdamW(model.parameters(), lr=case["lr"]) if case.get("adamw") else None
         wf.train(model, case["train"], epochs=case["epochs"], lr=case["lr"], progress=False,
-                 weight_decay=0.0)
+                 weight_decay=0.0, optimizer=opt)
         dense = wf.evaluate(model, case["test"])["accuracy"]
-        for sparsity in (0.5, 0.7):
+        for sparsity in (0.5, 0.8) if args.quick else (0.5, 0.8, 0.9):
             for method in ("magnitude", "woodfisher"):
                 pruned = copy.deepcopy(model)
+                t0 = time.perf_counter()
                 res = wf.prune(pruned, case["train"], sparsity, method=method, num_grads=400,
                                block_size=400)
                 rows.append({
@@ -151,7 +155,7 @@ def main() -> None:
                     "dense_accuracy": dense,
                     "accuracy": wf.evaluate(pruned, case["test"])["accuracy"],
                     "kinds": kind_sparsity(pruned), "skipped": len(res.skipped),
-                    "seconds": time.perf_counter() - t0,
+                    "prune_seconds": time.perf_counter() - t0,
                 })
                 print(rows[-1])
     table = Table(title="one-shot, global threshold, no fine-tuning: test accuracy (%)")

@@ -92,3 +92,16 @@ def test_gradual_fine_tunes_bert_with_dict_batches_and_keeps_zeros():
     assert res.final["sparsity"] == pytest.approx(0.6, abs=1e-3)
     for t in select_params(model, layers="bert.encoder.*").targets.values():
         assert float((effective_weight(t) == 0).float().mean()) > 0
+
+
+def test_two_four_over_the_encoder_leaves_two_zeros_in_every_group_of_four():
+    model = _bert()
+    res = wf.prune(model, _batches(), None, pattern="2:4", layers="bert.encoder.*",
+                   num_grads=24, block_size=128)
+    encoder = list(select_params(model, layers="bert.encoder.*").targets.values())
+    assert len(encoder) == len(res.layers) > 0
+    for t in encoder:
+        w = effective_weight(t)
+        groups = w.reshape(w.shape[0], -1, 4)  # groups of 4 consecutive inputs of a row
+        assert bool(((groups == 0).sum(-1) >= 2).all()), t.name
+    assert res.sparsity == pytest.approx(0.5, abs=1e-6)
