@@ -7,6 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# One intra-op thread for the test process. With torch 2.13's CPU build (MKL 2024.2), once any code
+# calls torch.set_num_threads(n) with n >= 2 -- the latency, lowrank and torch.distributed tests
+# restore the count they found -- batched LU (torch.linalg.inv/solve of 3-D tensors) fails with
+# "MKL ERROR: Parameter 6 was incorrect on entry to DLASWP" and hangs, and batched eigh/SVD run
+# 40x slower on a busy 2-core machine (nested OpenMP). Seen as a 15-minute hang in a doctest.
+torch.set_num_threads(1)
 
 
 def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:
