@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -138,6 +139,12 @@ class PrunePlan:
         )
 
 
+@functools.lru_cache(maxsize=32)
+def _units(sizes: tuple[int, ...], block_size: int | None) -> tuple:
+    # fitting() plans the same layout for many P and m: cut it into units once.
+    return make_units(sizes, block_size)
+
+
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -193,7 +200,7 @@ def plan_prune(
     down = downdate_applies("woodfisher", False, m, block_size, d, recompute_by)
     comm: dict[str, int] = {}
     if down:
-        units = make_units(sizes, block_size)
+        units = _units(tuple(sizes), block_size)
         ranges = unit_ranges(units, nproc)
         owned = max(sum(u.entries for u in units[a:b]) for a, b in ranges)
         cols = max(
@@ -296,7 +303,8 @@ def fitting(
 
     Returns:
         ``{"nproc": smallest P ≤ 4096 that fits at this B (or None), "block_size": largest B
-        that fits at this P (or None), "num_grads": largest m that fits (or None)}``.
+        that fits at this P (or None), "num_grads": largest m that fits on the same path
+        (downdate or resample), or None}``.
     """
     def fits(**change: object) -> bool:
         args = {"num_grads": num_grads, "block_size": block_size, "nproc": nproc, **change}
@@ -308,7 +316,17 @@ def fitting(
         10000, 5000, 2000, 1000, 500, 200, 100, 50, 20, 10
     }, reverse=True)
     b = next((c for c in cands if 1 <= c < top and fits(block_size=c)), None)
-    ms = [num_grads // 2**k for k in range(1, 12) if num_grads // 2**k >= 1]
+    # Fewer gradients only on the same path: a smaller m that silently switches to the
+    # resample path (which holds m·d per rank) would not be the job that was asked for.
+    d, how = sum(int(s) for s in layout_sizes), str(kw.get("recompute_by", "auto"))
+
+    def down(m: int) -> bool:
+        return downdate_applies("woodfisher", False, m, block_size, d, how)
+
+    ms = [
+        c for c in (num_grads // 2**k for k in range(1, 12))
+        if c >= 1 and down(c) == down(num_grads)
+    ]
     mm = next((c for c in ms if fits(num_grads=c)), None)
     return {"nproc": p, "block_size": b, "num_grads": mm}
 

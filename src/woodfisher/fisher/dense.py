@@ -34,6 +34,8 @@ Example:
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -511,14 +513,15 @@ def unit_ranges(units: Sequence[Unit], parts: int) -> list[tuple[int, int]]:
         >>> unit_ranges(make_units([40], 10, max_elements=100), 3)
         [(0, 1), (1, 3), (3, 4)]
     """
-    total = sum(unit_cost(u) for u in units)
-    bounds, acc, j = [0], 0.0, 0
+    costs = [unit_cost(u) for u in units]
+    total = sum(costs)
+    # A unit goes to the range its midpoint falls in (midpoints increase: bisect, not a loop,
+    # since a 1e9-weight plan has ~1e5 units and the planner tries many P).
+    before = [0.0, *itertools.accumulate(costs)][:-1]
+    mids = [b + c / 2 for b, c in zip(before, costs, strict=True)]
+    bounds = [0]
     for r in range(1, parts):
-        goal = total * r / parts
-        while j < len(units) and acc + unit_cost(units[j]) / 2 <= goal:
-            acc += unit_cost(units[j])
-            j += 1
-        bounds.append(max(j, bounds[-1]))
+        bounds.append(max(bisect.bisect_right(mids, total * r / parts), bounds[-1]))
     bounds.append(len(units))
     return [(bounds[r], bounds[r + 1]) for r in range(parts)]
 
