@@ -628,7 +628,7 @@ def prune(
         "progress": progress,
         "taylor": taylor_opts,
         "downdate": use_downdate,
-        "group": Group.from_torch() if use_downdate else Group.local(),
+        "group": _group(use_downdate),
     }
     public = {
         "sparsity": sparsity,
@@ -764,6 +764,21 @@ def prune(
         path=stats.get("path", "resample"),
         ranks=stats.get("ranks"),
     )
+
+
+def _group(use_downdate: bool) -> Group:
+    """The ranks a prune splits over: all of a torchrun job on the downdate path, else one."""
+    group = Group.from_torch()
+    if group.distributed and not use_downdate and group.rank == 0:
+        import warnings
+
+        warnings.warn(
+            f"this prune takes the resample path, which is not split: each of the {group.world} "
+            "ranks computes all of it (same result, P times the work); pass "
+            "recompute_by='downdate' (--recompute-by downdate) to split it",
+            stacklevel=3,
+        )
+    return group if use_downdate else Group.local()
 
 
 def _layer_result(name: str, target: Target, present: Tensor) -> LayerResult:
