@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
+import faults
 from conftest import cli_bad as _bad
 from conftest import cli_ok as _ok
+from woodfisher.longtail import Memorization
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +90,30 @@ def test_longtail_bad_input(ckpts, tmp_path, extra, fragment):
             "--train-subset", "100", *extra]
     _bad(args, fragment)
     assert torch.get_num_threads() >= 1
+
+
+@pytest.mark.slow  # three fresh processes importing torch, five short training runs each
+def test_memorization_killed_mid_run_resumes_to_the_uninterrupted_scores(ckpts, tmp_path):
+    """SIGKILL a real `woodfisher longtail` run after a random saved memorization run, run the
+    same command again: it reuses the saved runs and ends with the scores of a run never
+    killed."""
+    def argv(out: Path) -> list[str]:
+        return faults.cli_command(
+            "longtail", str(ckpts["dense"]), "--compressed", str(ckpts["pruned"]),
+            "--memorization", "5", "--epochs", "1", "--train-subset", "120", "--test-subset",
+            "60", "--workers", "1", "--bootstrap", "20", "--no-proxies", "--out", str(out),
+            "-q")
+
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    faults.run_to_end(argv(ref))
+    rng = random.Random(2)
+    nth = rng.randint(1, 4)  # never the last run (5)
+    faults.kill_at_event(argv(cut), tmp_path, "memorization_run_saved", nth, rng)
+    assert not (cut / "memorization.pt").exists()
+    saved = len(list((cut / "memorization_runs").glob("run-*.pt")))
+    assert nth <= saved < 5
+    faults.run_to_end(argv(cut))
+    a = Memorization.load(ref / "memorization.pt")
+    b = Memorization.load(cut / "memorization.pt")
+    assert torch.equal(a.scores.nan_to_num(9.0), b.scores.nan_to_num(9.0))
+    assert torch.equal(a.masks, b.masks)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -228,8 +229,18 @@ def _builder(model: str | Callable[[], nn.Module], input_shape: tuple[int, ...],
     if not callable(model):
         raise ValueError(f"model must be a registry name or a callable returning a fresh "
                          f"module, got {type(model).__name__}")
-    name = getattr(model, "__qualname__", None) or repr(model)
-    return model, f"{getattr(model, '__module__', '')}.{name}"
+    return model, _callable_name(model)
+
+
+def _callable_name(fn: Callable) -> str:
+    """A name for a model builder that is the same in every process (it goes into the run
+    store's fingerprint, so it must not contain memory addresses: a resumed CLI job would be
+    refused as "another job")."""
+    if isinstance(fn, functools.partial):
+        args = [repr(a) for a in fn.args] + [f"{k}={v!r}" for k, v in sorted(fn.keywords.items())]
+        return f"{_callable_name(fn.func)}({', '.join(args)})"
+    name = getattr(fn, "__qualname__", None) or re.sub(r" at 0x[0-9a-fA-F]+", "", repr(fn))
+    return f"{getattr(fn, '__module__', '')}.{name}"
 
 
 def memorization(
