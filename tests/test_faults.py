@@ -152,7 +152,7 @@ def test_lowrank_finetune_sigkill_then_resume_equals_uninterrupted(digits_ckpt, 
     faults.kill_at_event(argv, tmp_path, "epoch_saved", nth, rng)
     assert not cut.exists()
     done = torch.load(cut.with_suffix(".resume.pt"), weights_only=True)["next_epoch"]
-    assert nth <= done < 5
+    assert nth <= done <= 5  # running on may pass one more save, the last included
     out = faults.run_to_end(argv + ["--resume", "--json"])
     assert json.loads(out.stdout)["finetune"]["resumed_from"] == done
     a, _ = load_checkpoint(ref)

@@ -337,9 +337,11 @@ def test_sigkill_three_times_then_resume_equals_uninterrupted(digits_ckpt, tmp_p
                              nth, rng)
         assert not cut.exists()
         now = torch.load(cut.with_suffix(".resume.pt"), weights_only=True)["next_epoch"]
-        assert done < now < 6
+        # Letting it run on past event nth can take it through the next epoch's save (the 6th
+        # and last included), where it waits at the gate before writing its outputs.
+        assert done < now <= 6
         done = now
-        if done == 5:
+        if done >= 5:
             break
     out = faults.run_to_end(argv + ["--resume", "--json"])
     assert json.loads(out.stdout)["resumed_from"] == done

@@ -111,7 +111,7 @@ def test_memorization_killed_mid_run_resumes_to_the_uninterrupted_scores(ckpts, 
     faults.kill_at_event(argv(cut), tmp_path, "memorization_run_saved", nth, rng)
     assert not (cut / "memorization.pt").exists()
     saved = len(list((cut / "memorization_runs").glob("run-*.pt")))
-    assert nth <= saved < 5
+    assert nth <= saved <= 5  # running on may pass one more save, the last included
     faults.run_to_end(argv(cut))
     a = Memorization.load(ref / "memorization.pt")
     b = Memorization.load(cut / "memorization.pt")
