@@ -51,11 +51,15 @@ from woodfisher.data import load_dataset  # noqa: E402
 from woodfisher.frequency import eligible_convs, fdnp, frequency_cost, prune_oneshot  # noqa: E402
 from woodfisher.gradual import GradualConfig, gradual  # noqa: E402
 from woodfisher.train import evaluate  # noqa: E402
+from woodfisher.train import train as train_model  # noqa: E402
 
 METHODS = ("fdnp", "ba-fdnp", "fdnp+woodfisher", "dns", "gradual-magnitude",
            "gradual-woodfisher")
 # The second-order dynamic criterion re-estimates F⁻¹ every epoch; on the CNN only.
 SKIP = {"resnet20": ("fdnp+woodfisher",)}
+#: Besides the methods: ``finetune`` (the same training without pruning: what the training
+#: budget alone does to the dense model) and ``oneshot`` (the CNN's one-shot table).
+EXTRAS = ("finetune", "oneshot")
 # Per-sample gradients for the WoodFisher pruning steps of gradual: blocks as wide as the
 # number of gradients (full rank per block), few enough for ResNet-20's 270k conv weights.
 WOODFISHER = {"num_grads": 256, "block_size": 256}
@@ -78,8 +82,12 @@ def run_method(method: str, dense: torch.nn.Module, train: Any, ratio: float, ep
     """Train a copy of ``dense`` with one method to ``ratio`` over its 3×3 convs."""
     model = copy.deepcopy(dense)
     names, _ = eligible_convs(model)
-    t0 = time.perf_counter()
-    if method.startswith("gradual-"):
+    t0, c0 = time.perf_counter(), time.process_time()
+    if method == "finetune":
+        train_model(model, train, epochs=epochs, lr=lr, batch_size=128, seed=seed,
+                    weight_decay=0.0, progress=False)
+        extra: dict[str, Any] = {}
+    elif method.startswith("gradual-"):
         cfg = GradualConfig(final_sparsity=1 - 1 / ratio, epochs=epochs,
                             method=method.removeprefix("gradual-"), lr=lr, seed=seed,
                             prune_options={"layers": names,
@@ -94,6 +102,7 @@ def run_method(method: str, dense: torch.nn.Module, train: Any, ratio: float, ep
         extra = {"bands": rep["bands"], "layers": [
             {k: r[k] for k in ("name", "kept_fraction", "c") if k in r} for r in rep["layers"]]}
     extra["seconds"] = time.perf_counter() - t0
+    extra["cpu_seconds"] = time.process_time() - c0  # all threads; steadier than wall on a busy box
     return model, {**extra, "names": names}
 
 
@@ -198,6 +207,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small subsets, 8× only")
     ap.add_argument("--tune", action="store_true", help="choose defaults on a validation split")
+    ap.add_argument("--methods", type=lambda t: t.split(","), default=None,
+                    help=f"only these of {', '.join(METHODS + EXTRAS)} (rows merge into --out)")
     ap.add_argument("--plot", action="store_true",
                     help="only redraw the band picture from an existing --out JSON")
     ap.add_argument("--models", default=None,
@@ -230,10 +241,15 @@ def main() -> None:
         console.print(f"wrote {png}")
         return
     t_start = time.perf_counter()
-    result: dict[str, Any] = {"machine": machine_info(), "mode": mode, "lr": args.lr,
-                              "settings": {}, "rows": [], "oneshot": []}
+    chosen = args.methods or [*METHODS, *EXTRAS]
+    # Rows of earlier invocations stay unless this one recomputes them (same model, method and
+    # ratio), so models and methods can be run one at a time into one file.
+    result: dict[str, Any] = (json.loads(out.read_text()) if out.is_file() else
+                              {"settings": {}, "rows": [], "oneshot": []})
+    result.update(machine=machine_info(), mode=mode, lr=args.lr, threads=args.threads)
     models = args.models or ("cnn" if args.quick else "cnn,resnet20")
     for name in models.split(","):
+        t_model = time.perf_counter()
         dense, info = dense_checkpoint(name, epochs=args.dense_epochs)
         splits = load_dataset("fashion-mnist", normalisation=info["dataset"])
         n_train, epochs, n_test = SETTINGS[mode][name]
@@ -246,40 +262,47 @@ def main() -> None:
                                     "test_samples": len(test), "dense_accuracy": base["accuracy"],
                                     "ratios": list(RATIOS[mode][name]), "convs": names}
         console.print(f"{name}: dense {base['accuracy']:.4f} on {len(test)} test samples")
-        if name == "cnn":
+        if name == "cnn" and "oneshot" in chosen:
             result["oneshot"] = oneshot_table(dense, train, test, RATIOS[mode][name])
-        for ratio in RATIOS[mode][name]:
-            for method in (m for m in METHODS if m not in SKIP.get(name, ())):
-                model, extra = run_method(method, dense, train, ratio, epochs, args.lr)
-                row = {"model": name, "method": method, "ratio": ratio,
-                       **measure(model, names, test, example), **extra}
-                result["rows"].append(row)
-                console.print(f"  {method:>20} {ratio:>3}×: acc {row['accuracy']:.4f} "
-                              f"comp {row['compression']:.2f}× speed-up "
-                              f"{row['speedup_multiply_only']:.2f}× "
-                              f"({row['seconds']:.0f} s)")
-                result["total_seconds"] = time.perf_counter() - t_start
-                atomic_save_json(result, out)
-    result["total_seconds"] = time.perf_counter() - t_start
+        runs = [("finetune", 1)] if "finetune" in chosen else []
+        runs += [(m, r) for r in RATIOS[mode][name] for m in METHODS
+                 if m in chosen and m not in SKIP.get(name, ())]
+        for method, ratio in runs:
+            model, extra = run_method(method, dense, train, ratio, epochs, args.lr)
+            row = {"model": name, "method": method, "ratio": ratio,
+                   **measure(model, names, test, example), **extra}
+            result["rows"] = [x for x in result["rows"] if (x["model"], x["method"], x["ratio"])
+                              != (name, method, ratio)] + [row]
+            console.print(f"  {method:>20} {ratio:>3}×: acc {row['accuracy']:.4f} "
+                          f"comp {row['compression']:.2f}× speed-up "
+                          f"{row['speedup_multiply_only']:.2f}× ({row['seconds']:.0f} s)")
+            result["seconds"] = {**result.get("seconds", {}), name: time.perf_counter() - t_model}
+            atomic_save_json(result, out)
     result["load_average_end"] = machine_info()["load_average"]
     atomic_save_json(result, out)
     plot_band_profiles(result, png)
     print_tables(result, Console())
-    console.print(f"wrote {out} in {result['total_seconds']:.0f} s")
+    console.print(f"wrote {out} in {time.perf_counter() - t_start:.0f} s")
 
 
 def print_tables(result: dict[str, Any], console: Console) -> None:
     for name, s in result["settings"].items():
-        table = Table(title=f"{name}: test accuracy % (dense {100 * s['dense_accuracy']:.2f}) / "
-                      "conv speed-up ×, multiplies only [with DCT of feature maps]")
+        tuned = next((x for x in result["rows"] if x["model"] == name
+                      and x["method"] == "finetune"), None)
+        same = f", same training unpruned {100 * tuned['accuracy']:.2f}" if tuned else ""
+        table = Table(title=f"{name}: test accuracy % (dense {100 * s['dense_accuracy']:.2f}"
+                      f"{same}) / conv speed-up ×, multiplies only [with DCT of feature maps]")
         table.add_column("method")
         for r in s["ratios"]:
             table.add_column(f"{r}×", justify="right")
         for method in (m for m in METHODS if m not in SKIP.get(name, ())):
             cells = []
             for r in s["ratios"]:
-                row = next(x for x in result["rows"] if x["model"] == name
-                           and x["method"] == method and x["ratio"] == r)
+                row = next((x for x in result["rows"] if x["model"] == name
+                            and x["method"] == method and x["ratio"] == r), None)
+                if row is None:
+                    cells.append("-")
+                    continue
                 speed = f"{row['speedup_multiply_only']:.1f}"
                 if "fdnp" in method:
                     speed += f" [{row['speedup_with_transform']:.1f}]"
