@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from woodfisher.checkpoint import refresh_pruned_weights
 from woodfisher.data import as_batches
 from woodfisher.device import model_device, to_device
+from woodfisher.events import emit
 from woodfisher.frequency.dns import splice_gradients, update_probability
 from woodfisher.frequency.layers import eligible_convs, to_frequency
 from woodfisher.frequency.saliency import (
@@ -347,7 +348,8 @@ def fdnp(
         resume_path: Where the resume file is written (atomically) after every epoch.
         resume: Continue from ``resume_path``.
         progress: A progress bar per epoch on stderr.
-        callback: Called with the history after every epoch (after the resume file is written).
+        callback: Called with the history after every epoch (after the resume file is written);
+            then the event ``epoch_saved`` (epoch, resume path) goes to :mod:`woodfisher.events`.
         **options: More fields of :class:`FDNPConfig` (``domain``, ``criterion``, ``lr``, ...).
 
     Returns:
@@ -410,6 +412,9 @@ def fdnp(
                         pruner=run.pruner.state_dict())
         if callback is not None:
             callback(run.history)
+        # After the resume file and the log: a job killed here resumes after this epoch.
+        emit("epoch_saved", epoch=epoch + 1, resume=None if resume_path is None
+             else str(resume_path))
     model.eval()
     example = next(iter(as_batches(data, 1)))[0].to(model_device(model))
     return _report(model, run, cfg, example)
