@@ -209,7 +209,7 @@ def part_oneshot(args, splits) -> dict:
         dense = evaluate(model, splits.test)["accuracy"]
         rows = []
         for s in args.sparsities:
-            for method in METHODS:
+            for method in args.methods:
                 r = one_shot(model, method, None, splits.train, splits.test, s, args.seed)
                 rows.append({"method": method, "sparsity": s, **r})
                 print(f"oneshot {name} {s:.0%} {method}: {r['accuracy']:.4f} "
@@ -234,7 +234,7 @@ def part_settings(args, splits) -> dict:
         dense = evaluate(model, test_ds)["accuracy"]
         for s in args.setting_sparsities:
             for seed in args.seeds:
-                for method in METHODS:
+                for method in args.methods:
                     r = one_shot(model, method, None, train_ds, test_ds, s, seed)
                     rows.append({"case": case, "method": method, "sparsity": s,
                                  "dense_accuracy": dense, **r})
@@ -253,7 +253,7 @@ def part_gradual(args, splits) -> dict:
     epochs = args.epochs or (4 if args.quick else 10)
     rows = []
     for subset in args.subsets:
-        for method in METHODS:
+        for method in args.methods:
             cfg = GradualConfig(final_sparsity=0.95, epochs=epochs, method=method, lr=0.01,
                                 prune_options=dict(PRUNER), train_subset=subset, seed=args.seed)
             t0 = time.perf_counter()
@@ -359,6 +359,8 @@ def main() -> None:
                     help="select: comma-separated among woodfisher,default,5000,saliency")
     ap.add_argument("--subsets", default="all,1000", help="gradual: training samples (all,N)")
     ap.add_argument("--epochs", type=int, default=None, help="gradual: epochs (10; 4 --quick)")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="oneshot, settings, gradual: comma-separated among " + ",".join(METHODS))
     ap.add_argument("--markdown", action="store_true",
                     help="print the tables of the JSON as markdown and exit")
     args = ap.parse_args()
@@ -380,6 +382,10 @@ def main() -> None:
                                      [0.9] if args.quick else [0.5, 0.9])
     args.seeds = ([int(t) for t in args.seeds.split(",")] if args.seeds
                   else [args.seed] if args.quick else [args.seed, args.seed + 1])
+    args.methods = args.methods.split(",")
+    bad = sorted(set(args.methods) - set(METHODS))
+    if bad:
+        raise SystemExit(f"unknown methods {bad}; choose from {list(METHODS)}")
     args.cases = args.cases.split(",")
     args.select_cases = args.select_cases.split(",")
     args.variants = args.variants.split(",") if args.variants else None
