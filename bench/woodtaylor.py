@@ -301,7 +301,8 @@ def markdown(result: dict) -> str:
     """The README/docs tables (test or validation accuracy, %) of what the JSON holds."""
     def grid(rows, row_key, col_key, title):
         cols = list(dict.fromkeys(col_key(r) for r in rows))
-        names = list(dict.fromkeys(row_key(r) for r in rows))
+        names = sorted(dict.fromkeys(row_key(r) for r in rows),
+                       key=lambda n: METHODS.index(n) if n in METHODS else -1)
         lines = [title, "", "| method | " + " | ".join(cols) + " |",
                  "|---|" + "---:|" * len(cols)]
         for n in names:

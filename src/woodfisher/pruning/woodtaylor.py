@@ -52,8 +52,8 @@ TAYLOR_DEFAULTS: dict[str, object] = {
     # "auto": the Newton scale α is chosen per step from `grid` by the loss on held-out samples.
     # A float fixes α (0 is WoodFisher's step; 1 is the paper's step with WoodFisher's mask).
     "scale": "auto",
-    # Half-decades from 1e-4 to 1: the useful α was 1e-3..1e-2 at a trained MLPNet (about one
-    # over the number of blocks) and larger where the gradient is informative.
+    # Half-decades from 1e-4 to 1: the search chose α of 0..2e-4 at a trained MLPNet, 1e-3 after
+    # a distribution shift, up to 0.03 inside gradual and 0.14 at CNN 98 % (bench/woodtaylor.py).
     "grid": (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
     # Samples for ḡ: None takes the m gradients of the Fisher (as the paper); a number takes
     # the mean gradient of that many samples of `data` (held-out samples come after them).
