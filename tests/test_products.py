@@ -32,9 +32,11 @@ def _dense_ef(G, damp, blocks):
     return F
 
 
-@pytest.fixture(params=[1 << 20, 64], ids=["default-chunks", "tiny-chunks"])
+@pytest.fixture(params=[1 << 20, 64, 512], ids=["default-chunks", "tiny-chunks", "block-chunks"])
 def chunk(request, monkeypatch):
-    # Tiny chunks force one block per run and one row per product: the loops must agree.
+    # Tiny chunks force one block per run and one row per product; chunks of about one block
+    # (m = 6, B = 8 in float64: 384 bytes of W; m = 30: 512 bytes of F⁻¹) take the one-vector
+    # mat-vec paths: all must agree.
     monkeypatch.setattr(products, "CHUNK_BYTES", request.param)
     return request.param
 

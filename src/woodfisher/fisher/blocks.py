@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from woodfisher.fisher import products
 from woodfisher.fisher.base import InverseCurvature, cholesky, make_blocks, spd_inverse
 from woodfisher.fisher.memory import (
     ALGORITHMS,
@@ -307,7 +308,24 @@ class EmpiricalFisherInverse(InverseCurvature):
         out = torch.empty_like(V)  # the blocks cover every entry
         for grp in self._groups:
             W = grp.factor
-            for blocks, rows in self._runs(grp, W[0].numel() * W.element_size()):
+            per_block = W[0].numel() * W.element_size()
+            chunk = products.CHUNK_BYTES
+            if k == 1 and not grp.sample_space and per_block > chunk // 2:
+                # Dense (B, B) inverse blocks, one per run, one vector: one mat-vec per block.
+                v1, o1, n = V[:, 0], out[:, 0], grp.size
+                for i, s in enumerate(grp.starts.tolist()):
+                    torch.mv(W[i], v1[s : s + n], out=o1[s : s + n])
+                continue
+            if k == 1 and grp.sample_space and chunk // 2 < per_block <= chunk:
+                # One cache-sized block per run and one vector: the floor's two mat-vecs per
+                # block, without the views and calls of a run (~15 % of the time at m = B = 500).
+                v1, o1, n = V[:, 0], out[:, 0], grp.size
+                for i, s in enumerate(grp.starts.tolist()):
+                    Wb, vb = W[i], v1[s : s + n]
+                    torch.addmv(vb, Wb.T, Wb.mv(vb), beta=1.0 / self.damp,
+                                alpha=-1.0 / self.damp, out=o1[s : s + n])
+                continue
+            for blocks, rows in self._runs(grp, per_block):
                 Vb = V[rows].view(-1, grp.size, k)
                 Ob = out[rows].view(-1, grp.size, k)
                 if grp.sample_space:
@@ -340,6 +358,15 @@ class EmpiricalFisherInverse(InverseCurvature):
         out = torch.empty_like(V)
         for grp in self._groups:
             per_block = self.num_grads * grp.size * self.grads.element_size()
+            chunk = products.CHUNK_BYTES
+            if k == 1 and chunk // 2 < per_block <= 2 * chunk:
+                # Runs of single blocks and one vector: the floor's two mat-vecs per block.
+                v1, o1, n, G = V[:, 0], out[:, 0], grp.size, self.grads
+                for s in grp.starts.tolist():
+                    g, vb = G[:, s : s + n], v1[s : s + n]
+                    torch.addmv(vb, g.T, g.mv(vb), beta=self.damp, alpha=1.0 / self.num_grads,
+                                out=o1[s : s + n])
+                continue
             for blocks, rows in self._runs(grp, per_block):
                 G = self._gather(grp, blocks)
                 gram_mul(G, V[rows].view(-1, grp.size, k), self.damp,
