@@ -55,6 +55,7 @@ from woodfisher.pruning.schedule import pruning_steps
 from woodfisher.resume import (
     fingerprint,
     load_resume,
+    open_job,
     ordered_params,
     save_resume,
     steps_per_epoch,
@@ -586,8 +587,7 @@ def run_gradual(
         ValueError: On bad input (any :class:`GradualError`, a bad checkpoint or dataset, an
             unwritable output), before any long work where it can be checked up front.
     """
-    from woodfisher.checkpoint import check_writable, load_checkpoint, save_checkpoint
-    from woodfisher.data import load_dataset
+    from woodfisher.checkpoint import save_checkpoint
     from woodfisher.train import evaluate, sparsity_report
 
     try:
@@ -595,23 +595,9 @@ def run_gradual(
     except TypeError as e:
         raise GradualError(f"bad gradual option: {e}") from None
     cfg.steps()
-    checkpoint = Path(checkpoint)
-    out = Path(out) if out is not None else checkpoint.with_name(f"{checkpoint.stem}-gradual.pt")
-    paths = output_paths(out)
-    if paths["checkpoint"].resolve() == checkpoint.resolve():
-        raise GradualError(f"--out {out} would overwrite the input checkpoint; pick another name")
-    for p in paths.values():
-        check_writable(p)
-    model, info = load_checkpoint(checkpoint)
-    if device is not None:
-        from woodfisher.device import resolve_device
-
-        model.to(resolve_device(device))
+    out, paths, model, info, splits = open_job(checkpoint, out, "gradual", output_paths,
+                                                GradualError, "fine-tune on", data_dir, device)
     saved = info["dataset"]
-    if not saved.get("dataset"):
-        raise GradualError(f"checkpoint {checkpoint} names no dataset to fine-tune on")
-    splits = load_dataset(saved["dataset"], data_dir=data_dir,
-                          normalisation=saved if "mean" in saved else None)
     dense = evaluate(model, splits.test)
 
     def write_log(history: list[dict[str, Any]]) -> None:

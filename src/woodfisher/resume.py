@@ -32,6 +32,7 @@ from woodfisher.checkpoint import atomic_save
 __all__ = [
     "fingerprint",
     "load_resume",
+    "open_job",
     "ordered_params",
     "save_resume",
     "steps_per_epoch",
@@ -224,3 +225,55 @@ def load_resume(
             "without --resume"
         )
     return {**state, "history": json.loads(state["history"])}
+
+
+def open_job(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike | None,
+    command: str,
+    output_paths: Any,
+    error: type[ValueError],
+    purpose: str,
+    data_dir: str | os.PathLike | None = None,
+    device: Any = None,
+) -> tuple[Path, dict[str, Path], nn.Module, dict[str, Any], Any]:
+    """What a long CLI job does before its work: outputs checked, checkpoint and data loaded.
+
+    Args:
+        checkpoint: The checkpoint the job starts from.
+        out: Its output checkpoint; default ``<checkpoint stem>-<command>.pt`` beside it.
+        command: The command's name (for the default output and messages).
+        output_paths: The job's ``output_paths(out)`` → name to path of every file it writes.
+        error: The job's ``ValueError`` subclass.
+        purpose: What the dataset is for, in messages ("train on", "fine-tune on").
+        data_dir: Directory of the dataset files.
+        device: Where the model goes (see :func:`woodfisher.device.resolve_device`).
+
+    Returns:
+        ``(out, paths, model, info, splits)``.
+
+    Raises:
+        ValueError: (as ``error`` where it is the job's own) If an output would overwrite the
+            input or cannot be written, or the checkpoint names no dataset.
+    """
+    from woodfisher.checkpoint import check_writable, load_checkpoint
+    from woodfisher.data import load_dataset
+
+    checkpoint = Path(checkpoint)
+    out = Path(out) if out is not None else checkpoint.with_name(f"{checkpoint.stem}-{command}.pt")
+    paths = output_paths(out)
+    if paths["checkpoint"].resolve() == checkpoint.resolve():
+        raise error(f"--out {out} would overwrite the input checkpoint; pick another name")
+    for p in paths.values():
+        check_writable(p)
+    model, info = load_checkpoint(checkpoint)
+    if device is not None:
+        from woodfisher.device import resolve_device
+
+        model.to(resolve_device(device))
+    saved = info["dataset"]
+    if not saved.get("dataset"):
+        raise error(f"checkpoint {checkpoint} names no dataset to {purpose}")
+    splits = load_dataset(saved["dataset"], data_dir=data_dir,
+                          normalisation=saved if "mean" in saved else None)
+    return out, paths, model, info, splits

@@ -16,6 +16,7 @@ from typing import Any
 
 from woodfisher.checkpoint import atomic_save_json, atomic_savefig
 from woodfisher.frequency.fdnp import FDNPError, fdnp, output_paths
+from woodfisher.resume import open_job
 
 __all__ = ["plot_bands", "plot_history", "run_fdnp"]
 
@@ -140,8 +141,7 @@ def run_fdnp(
         ValueError: On bad input (options, checkpoint, dataset, unwritable output), checked
             before the training where it can be.
     """
-    from woodfisher.checkpoint import check_writable, load_checkpoint, save_checkpoint
-    from woodfisher.data import load_dataset
+    from woodfisher.checkpoint import save_checkpoint
     from woodfisher.frequency.fdnp import FDNPConfig
     from woodfisher.train import evaluate
 
@@ -149,23 +149,9 @@ def run_fdnp(
         FDNPConfig(**options).check()
     except TypeError as e:
         raise FDNPError(f"bad fdnp option: {e}") from None
-    checkpoint = Path(checkpoint)
-    out = Path(out) if out is not None else checkpoint.with_name(f"{checkpoint.stem}-fdnp.pt")
-    paths = output_paths(out)
-    if paths["checkpoint"].resolve() == checkpoint.resolve():
-        raise FDNPError(f"--out {out} would overwrite the input checkpoint; pick another name")
-    for p in paths.values():
-        check_writable(p)
-    model, info = load_checkpoint(checkpoint)
-    if device is not None:
-        from woodfisher.device import resolve_device
-
-        model.to(resolve_device(device))
+    out, paths, model, info, splits = open_job(checkpoint, out, "fdnp", output_paths, FDNPError,
+                                                "train on", data_dir, device)
     saved = info["dataset"]
-    if not saved.get("dataset"):
-        raise FDNPError(f"checkpoint {checkpoint} names no dataset to train on")
-    splits = load_dataset(saved["dataset"], data_dir=data_dir,
-                          normalisation=saved if "mean" in saved else None)
     dense = evaluate(model, splits.test)["accuracy"]
 
     def write_log(history: list[dict[str, Any]], report: dict | None = None) -> None:
