@@ -150,6 +150,30 @@ def apply_masks(
         raise
 
 
+def zero_entries(module: nn.Module, attr: str, index: Tensor) -> None:
+    """Prune entries ``index`` (along dim 0) of ``module.attr`` for good, if it has one.
+
+    For what pruning a channel takes with it (a bias, BatchNorm's weight and bias): a
+    ``prune.custom_from_mask`` mask multiplied into any earlier one, and ``attr_orig`` zeroed
+    too, so the entries read as 0 baked or not.
+
+    Args:
+        module: The module holding the parameter.
+        attr: Its name (``"bias"``, ``"weight"``); a missing or None parameter is skipped.
+        index: Entries of dim 0 to zero.
+    """
+    if getattr(module, attr, None) is None:
+        return
+    current = getattr(module, f"{attr}_orig", getattr(module, attr))
+    mask = torch.ones_like(current)
+    mask[index] = 0
+    tprune.custom_from_mask(module, attr, mask)
+    with torch.no_grad():
+        orig = getattr(module, f"{attr}_orig")
+        orig.mul_(getattr(module, f"{attr}_mask"))
+        setattr(module, attr, orig * getattr(module, f"{attr}_mask"))
+
+
 def bake(model: nn.Module) -> nn.Module:
     """Make every pruning mask permanent (``prune.remove``): plain ``weight`` parameters remain.
 

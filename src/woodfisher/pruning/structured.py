@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import prune as tprune
 
 from woodfisher.flops import count_flops
 from woodfisher.params import Layout, flat_masks, flat_weights
@@ -35,7 +34,7 @@ from woodfisher.pruning.group_obs import (
     nm_capped_selection,
     select_groups,
 )
-from woodfisher.pruning.masks import apply_masks, compute_masks
+from woodfisher.pruning.masks import apply_masks, compute_masks, zero_entries
 from woodfisher.pruning.patterns import (
     Pattern,
     aligned_block_sizes,
@@ -328,17 +327,7 @@ class StructuredPlan:
 
     def _mask_channel_params(self, fam: Family, channels: Tensor) -> None:
         for mod_name, pname in fam.channel_params:
-            mod = self.modules[mod_name]
-            if getattr(mod, pname, None) is None:
-                continue
-            current = getattr(mod, f"{pname}_orig", getattr(mod, pname))
-            mask = torch.ones_like(current)
-            mask[channels] = 0
-            tprune.custom_from_mask(mod, pname, mask)
-            with torch.no_grad():
-                orig = getattr(mod, f"{pname}_orig")
-                orig.mul_(getattr(mod, f"{pname}_mask"))
-                setattr(mod, pname, orig * getattr(mod, f"{pname}_mask"))
+            zero_entries(self.modules[mod_name], pname, channels)
 
     # -- other importance measures ---------------------------------------------------------
     def select_by_scores(

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from woodfisher.params import effective_weight
-from woodfisher.pruning.masks import apply_masks
+from woodfisher.pruning.masks import apply_masks, zero_entries
 from woodfisher.quant import fake_quantize_model
 from woodfisher.qubo.costs import MAGNITUDE_BETA, Costs, qubo_costs
 from woodfisher.qubo.formulation import (
@@ -114,7 +114,6 @@ def silence_channels(
     Raises:
         ValueError: If torch-pruning is missing or the model cannot be traced.
     """
-    from torch.nn.utils import prune as tprune
 
     from woodfisher.pruning.channels import trace_channels
 
@@ -132,17 +131,7 @@ def silence_channels(
             continue
         params = [(name, "bias")] + [(bn, p) for bn in info.norms for p in ("weight", "bias")]
         for mod_name, pname in params:
-            mod = mods[mod_name]
-            if getattr(mod, pname, None) is None:
-                continue
-            current = getattr(mod, f"{pname}_orig", getattr(mod, pname))
-            mask = torch.ones_like(current)
-            mask[idx] = 0
-            tprune.custom_from_mask(mod, pname, mask)
-            with torch.no_grad():
-                orig = getattr(mod, f"{pname}_orig")
-                orig.mul_(getattr(mod, f"{pname}_mask"))
-                setattr(mod, pname, orig * getattr(mod, f"{pname}_mask"))
+            zero_entries(mods[mod_name], pname, idx)
         out[name] = None
     return out
 
