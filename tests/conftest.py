@@ -80,3 +80,11 @@ def cli_bad(args, *fragments):
         assert f in err, err
     assert result.stdout == ""
     return err
+
+
+def assert_same_state(a, b):
+    """Two models' state dicts (weights, masks, buffers) are bit-identical."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.nn.utils import prune
 
+from conftest import assert_same_state
 from woodfisher.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from woodfisher.data import load_dataset
 from woodfisher.models import build_model
@@ -12,13 +13,6 @@ from woodfisher.train import evaluate
 
 def _spec(name, shape=(1, 8, 8), **kw):
     return {"name": name, "input_shape": list(shape), "num_classes": 10, "kwargs": kw}
-
-
-def _assert_same_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
 
 
 @pytest.mark.parametrize(
@@ -37,7 +31,7 @@ def test_round_trip(tmp_path, name, shape, kw):
                            {"dataset": "digits", "mean": 0.5, "std": 0.25},
                            {"epochs": 3, "seed": 0, "accuracy": 0.9})
     loaded, info = load_checkpoint(path)
-    _assert_same_state(model, loaded)
+    assert_same_state(model, loaded)
     assert info["model"]["name"] == name and info["model"]["kwargs"] == kw
     assert info["dataset"] == {"dataset": "digits", "mean": 0.5, "std": 0.25}
     assert info["meta"]["epochs"] == 3 and "torch" in info["meta"]["versions"]
@@ -57,7 +51,7 @@ def test_round_trip_keeps_prune_masks(tmp_path):
     path = save_checkpoint(tmp_path / "p.pt", model, _spec("mlpnet"))
     assert "fc1.weight_orig" in torch.load(path, weights_only=True)["state_dict"]
     loaded, _ = load_checkpoint(path)
-    _assert_same_state(model, loaded)
+    assert_same_state(model, loaded)
     assert torch.equal(loaded.fc1.weight_mask, mask)
     assert prune.is_pruned(loaded)
     # the effective weight is right without a forward pass, and after one

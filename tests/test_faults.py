@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 import faults
+from conftest import assert_same_state
 from woodfisher.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
@@ -157,10 +158,7 @@ def test_lowrank_finetune_sigkill_then_resume_equals_uninterrupted(digits_ckpt, 
     assert json.loads(out.stdout)["finetune"]["resumed_from"] == done
     a, _ = load_checkpoint(ref)
     b, _ = load_checkpoint(cut)
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
+    assert_same_state(a, b)
     la = json.loads(ref.with_suffix(".json").read_text())["finetune"]
     lb = json.loads(cut.with_suffix(".json").read_text())["finetune"]
     assert la["losses"] == lb["losses"] and la["distill"] == lb["distill"]

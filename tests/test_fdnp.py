@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 import faults
+from conftest import assert_same_state
 from woodfisher import events, load_checkpoint
 from woodfisher.cli import app
 from woodfisher.data import synthetic
@@ -34,13 +35,6 @@ def _data(n: int = 192):
 
 def _strip_times(rows):
     return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]
-
-
-def _equal_states(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
 
 
 @pytest.mark.parametrize("band_adaptive", [False, True])
@@ -123,7 +117,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     seen = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(e["event"], e["epoch"], e["resume"]) for e in seen] == [
         ("epoch_saved", n, str(tmp_path / "r.pt")) for n in (2, 3)]
-    _equal_states(ref, resumed)
+    assert_same_state(ref, resumed)
     assert _strip_times(rep["history"]) == _strip_times(ref_rep["history"])
     with pytest.raises(FDNPError, match="another run or model"):
         fdnp(_model(), _data(), resume_path=tmp_path / "r.pt", resume=True,
@@ -260,7 +254,7 @@ def test_sigkill_then_resume_equals_uninterrupted(digits_ckpt, tmp_path):
     assert json.loads(out.stdout)["resumed_from"] == done
     a, _ = load_checkpoint(ref)
     b, _ = load_checkpoint(cut)
-    _equal_states(a, b)
+    assert_same_state(a, b)
     la = json.loads(ref.with_suffix(".json").read_text())["history"]
     lb = json.loads(cut.with_suffix(".json").read_text())["history"]
     assert _strip_times(la) == _strip_times(lb)

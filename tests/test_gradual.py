@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 import faults
+from conftest import assert_same_state
 from woodfisher.checkpoint import load_checkpoint
 from woodfisher.cli import app
 from woodfisher.data import synthetic
@@ -53,13 +54,6 @@ def _cfg(**kw):
     base = {"final_sparsity": 0.9, "epochs": 4, "method": "magnitude", "lr": 0.02,
             "batch_size": 32}
     return GradualConfig(**{**base, **kw})
-
-
-def _equal_states(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
 
 
 def _strip_times(history):
@@ -171,7 +165,7 @@ def test_resume_equals_uninterrupted(tmp_path, method, options):
     res = gradual(fresh, _data(), cfg, test_data=_data(), resume_path=tmp_path / "r.pt",
                   resume=True, progress=False)
     assert res.resumed_from == 2
-    _equal_states(fresh, ref)
+    assert_same_state(fresh, ref)
     for (_, a, ma), (_, b, mb) in zip(masked_parameters(fresh), masked_parameters(ref),
                                       strict=True):
         assert torch.equal(ma, mb) and torch.equal(a, b)
@@ -347,7 +341,7 @@ def test_sigkill_three_times_then_resume_equals_uninterrupted(digits_ckpt, tmp_p
     assert json.loads(out.stdout)["resumed_from"] == done
     a, _ = load_checkpoint(ref)
     b, _ = load_checkpoint(cut)
-    _equal_states(a, b)
+    assert_same_state(a, b)
     la = json.loads(ref.with_suffix(".json").read_text())["history"]
     lb = json.loads(cut.with_suffix(".json").read_text())["history"]
     assert _strip_times(la) == _strip_times(lb)
