@@ -21,7 +21,7 @@ from woodfisher.fisher.spd import spd_inverse, tri_inverse
 from woodfisher.models import build_model
 from woodfisher.params import Layout, flat_masks, flat_weights, select_modules
 from woodfisher.pruning import prune
-from woodfisher.pruning.downdate import downdate_applies
+from woodfisher.pruning.downdate import downdate_applies, refresh_steps
 from woodfisher.pruning.obs import obs_saliency
 from woodfisher.pruning.select import select_by_sparsity
 from woodfisher.streaming import chunk_rows, gradient_chunks
@@ -165,7 +165,7 @@ def test_several_steps_equal_a_brute_force_greedy_obs_on_one_fisher():
     m, block, target, steps = 80, 40, 0.8, 3
     pruned = copy.deepcopy(model)
     res = prune(pruned, data, target, num_grads=m, block_size=block, recompute=steps,
-                recompute_by="downdate")
+                recompute_by="downdate", refresh=0.0)
     assert res.path == "downdate" and len(res.steps) == steps
 
     # The oracle: one F from a loop of single backward passes; every step rebuilds the inverse
@@ -280,3 +280,68 @@ def test_compacted_blocks_answer_like_full_ones(case):
     torch.testing.assert_close(inv.columns(idx), dense[:, idx], rtol=1e-9, atol=1e-11)
     want = DenseInverse(F, blocks).constrained_min(remove | before, -torch.where(before, 0.0, w))
     torch.testing.assert_close(delta, want, rtol=1e-9, atol=1e-11)
+
+
+def test_refreshing_before_every_step_is_the_papers_resampling():
+    # refresh=1: a fresh Fisher at the weights each step reaches, over the kept weights only
+    # (compacted Grams of picked gradient entries); resample rebuilds the full inverse.
+    model, data = _tiny(seed=5)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    ra = prune(a, data, 0.8, num_grads=80, block_size=40, recompute=4, recompute_by="downdate",
+               refresh=1.0)
+    rb = prune(b, data, 0.8, num_grads=80, block_size=40, recompute=4, recompute_by="resample")
+    assert (ra.path, rb.path) == ("downdate", "resample")
+    assert ra.damp == pytest.approx(rb.damp, rel=1e-9)  # the last step's, from its gradients
+    ma, mb = select_modules(a), select_modules(b)
+    assert torch.equal(flat_masks(ma), flat_masks(mb))
+    torch.testing.assert_close(flat_weights(ma), flat_weights(mb), rtol=1e-8, atol=1e-10)
+    # Without the refresh the steps lean on the first Fisher: other masks.
+    c = copy.deepcopy(model)
+    prune(c, data, 0.8, num_grads=80, block_size=40, recompute=4, recompute_by="downdate",
+          refresh=0.0)
+    assert not torch.equal(flat_masks(select_modules(c)), flat_masks(mb))
+
+
+def test_refresh_steps_follow_the_kept_fraction():
+    targets = [0.5, 0.75, 0.875, 0.9]
+    assert refresh_steps(targets, 1.0, 0.0) == set()
+    assert refresh_steps(targets, 1.0, 1.0) == {1, 2, 3}
+    assert refresh_steps(targets, 1.0, 0.25) == {2, 3}  # starts with 25 % and 12.5 % kept
+    assert refresh_steps(targets, 0.5, 0.25) == {3}  # measured against the start's 50 %
+    model, data = _tiny(seed=6, dtype=torch.float32)
+    for bad in (-0.1, 1.5, "all", True):
+        with pytest.raises(ValueError, match="refresh must be"):
+            prune(copy.deepcopy(model), data, 0.5, num_grads=32, block_size=32, refresh=bad)
+
+
+@pytest.mark.parametrize("picked", [False, True], ids=["full-rows", "picked-columns"])
+def test_a_refreshed_inverse_is_the_restricted_inverse_of_the_new_fisher(case, picked):
+    G, inv, blocks = _build(case)
+    d = G.shape[1]
+    g = torch.Generator().manual_seed(21)
+    w = torch.randn(d, generator=g, dtype=torch.float64)
+    remove = torch.rand(d, generator=g) < 0.6
+    inv.eliminate(remove, w, "joint", downdate=False)
+    with pytest.raises(RuntimeError, match="refresh"):
+        inv.diag()
+    with pytest.raises(RuntimeError, match="refresh"):
+        inv.eliminate(torch.zeros(d, dtype=torch.bool), w)
+    # New gradients, removed weights' entries 0 (their masks zero them).
+    G2 = torch.randn(case["m"] + 3, d, generator=g, dtype=torch.float64)
+    G2[:, remove] = 0
+    acc = inv.regram()
+    cols = acc.columns()
+    assert set(cols.tolist()) >= set((~remove).nonzero().reshape(-1).tolist())
+    for part in (G2[:5], G2[5:]):
+        if picked:
+            acc.add_columns(part[:, cols])
+        else:
+            acc.add(part)
+    inv.refresh(acc, G2.shape[0], 0.5)
+    keep = (~remove).double()
+    F2 = _dense(G2, 0.5, blocks)
+    F_rest = F2 * keep[:, None] * keep[None, :] + torch.diag(0.5 * (1 - keep))
+    want = torch.linalg.inv(F_rest)
+    torch.testing.assert_close(inv.diag(), want.diagonal(), rtol=1e-9, atol=1e-11)
+    idx = (~remove).nonzero().reshape(-1)[:7]
+    torch.testing.assert_close(inv.columns(idx), want[:, idx], rtol=1e-9, atol=1e-11)

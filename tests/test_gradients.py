@@ -149,3 +149,50 @@ def test_unknown_module_name():
     X, Y = torch.randn(4, 6), torch.randint(0, 3, (4,))
     with pytest.raises(ValueError, match="matches no prunable weight"):
         sample_gradients(mlp(True), (X, Y), num_grads=2, params=["fc9"])
+
+
+def test_picked_columns_are_those_entries_of_the_full_rows(case):
+    model, X, Y = case
+    modules, layout = gradient_layout(model)
+    mask = (torch.rand(weight_param(next(iter(modules.values()))).shape,
+                       generator=torch.Generator().manual_seed(3)) > 0.4).double()
+    prune.custom_from_mask(next(iter(modules.values())).module, "weight", mask)
+    full = sample_gradients(model, (X, Y), num_grads=6, samples_per_grad=2, chunk_size=4)
+    g = torch.Generator().manual_seed(4)
+    for cols in (torch.arange(3, layout.d - 2), torch.randperm(layout.d, generator=g)[:17]):
+        got = sample_gradients(model, (X, Y), num_grads=6, samples_per_grad=2, chunk_size=4,
+                               columns=cols)
+        torch.testing.assert_close(got, full[:, cols], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="columns must lie"):
+        sample_gradients(model, (X, Y), num_grads=2, columns=torch.tensor([layout.d]))
+
+
+class _Centering(nn.Module):
+    """Subtracts the batch mean: samples interact, so one backward pass over the batch is not
+    the per-sample gradients."""
+
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("kind", ["sum-loss", "coupled-samples"])
+def test_gradients_stay_per_sample_where_one_backward_pass_cannot_give_them(kind):
+    torch.manual_seed(5)
+    X, Y = torch.randn(9, 6, dtype=torch.float64), torch.randint(0, 3, (9,))
+    if kind == "sum-loss":
+        model = mlp(True).double()
+
+        def loss_fn(out, y):
+            return nn.functional.cross_entropy(out, y, reduction="sum")
+    else:
+        model = nn.Sequential(nn.Linear(6, 5), _Centering(), nn.Tanh(), nn.Linear(5, 3)).double()
+        loss_fn = None
+    G = sample_gradients(model, (X, Y), num_grads=9, chunk_size=9, loss_fn=loss_fn)
+    modules, _ = gradient_layout(model)
+    params = [weight_param(m) for m in modules.values()]
+    want = []
+    for i in range(9):  # one sample per row, alone in its forward pass
+        out = model(X[i:i + 1])
+        loss = (loss_fn or nn.functional.cross_entropy)(out, Y[i:i + 1])
+        want.append(torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params)]))
+    torch.testing.assert_close(G, torch.stack(want), rtol=1e-10, atol=1e-12)

@@ -46,7 +46,8 @@ def loss_on(model, data):
     return api.evaluate_loss(model, data)
 
 
-OPTS = {"num_grads": 32, "block_size": 16}
+# The fake engine stands in for build_inverse, which only the resample path calls.
+OPTS = {"num_grads": 32, "block_size": 16, "recompute_by": "resample"}
 
 
 def test_prune_twice_exact_and_pruned_never_return():

@@ -82,7 +82,7 @@ RESUME_FORMAT = "woodfisher-gradual-v1"
 PRUNE_OPTIONS = (
     "layers", "skip", "params", "scope", "layer_sparsity", "update", "num_grads",
     "samples_per_grad", "block_size", "damp", "relative_damp", "recompute", "pattern", "target",
-    "taylor", "recompute_by",
+    "taylor", "recompute_by", "refresh",
 )
 
 # The relative damp of the block-wise empirical Fisher pruners (woodfisher, woodtaylor) inside

@@ -77,6 +77,7 @@ def gradient_chunks(
     seed: int = 0,
     which: Callable[[int], bool] | None = None,
     progress: bool = False,
+    columns: Tensor | None = None,
 ) -> Iterator[tuple[int, int, Tensor]]:
     """Per-sample gradients, one chunk of rows at a time.
 
@@ -92,6 +93,7 @@ def gradient_chunks(
         seed: Seed of randomness inside the model (the same for every chunk).
         which: ``which(j)`` is True for the chunks this process computes; default all.
         progress: A progress bar over the rows computed here.
+        columns: Only these flat indices (see ``sample_gradients``).
 
     Yields:
         ``(j, first_row, G_j)`` with ``G_j`` of shape (rows of chunk j, d), in chunk order.
@@ -119,9 +121,10 @@ def gradient_chunks(
                 )
             if which is not None and not which(j):
                 continue
-            G = sample_gradients(model, got, loss_fn=loss_fn, num_grads=n,
+            # One batch in a list: a pair (dict inputs, targets) is not itself a dataset.
+            G = sample_gradients(model, [got], loss_fn=loss_fn, num_grads=n,
                                  samples_per_grad=s, params=params, seed=seed,
-                                 chunk_size=VMAP_ROWS)
+                                 chunk_size=VMAP_ROWS, columns=columns)
             bar.update(n)
             yield j, j * rows, G
 

@@ -231,8 +231,13 @@ PARAMS_HELP = (
 RECOMPUTE_BY_HELP = (
     "How the steps get their curvature: downdate (gradients once, each step removes its "
     "weights from the block inverses; fast), resample (fresh gradients and inverses at every "
-    "step, the paper's) or auto (downdate when block-size <= 2 x num-grads). Downdate is "
-    "the path that runs over several processes under torchrun."
+    "step, the paper's) or auto (the default: downdate when block-size <= 2 x num-grads). "
+    "Downdate is the path that runs over several processes under torchrun."
+)
+REFRESH_HELP = (
+    "Downdate path: re-estimate the Fisher at the current weights before each step that "
+    "starts with at most this fraction of the weights (0 never, 1 every step); late refreshes "
+    "cost little and recover the paper's accuracy."
 )
 RECOMPUTE_HELP = (
     "Steps to reach the target with fresh curvature between them, or 'auto' (no "

@@ -20,6 +20,7 @@ from woodfisher.cli.common import (
     PATTERN_HELP,
     RECOMPUTE_BY_HELP,
     RECOMPUTE_HELP,
+    REFRESH_HELP,
     RELATIVE_DAMP_HELP,
     TARGET_HELP,
     UPDATE_HELP,
@@ -89,6 +90,7 @@ def prune(
     recompute_by: Annotated[str, typer.Option(help=RECOMPUTE_BY_HELP)] = _DEFAULTS[
         "recompute_by"
     ],
+    refresh: Annotated[float, typer.Option(help=REFRESH_HELP)] = _DEFAULTS["refresh"],
     layers: Annotated[list[str] | None, typer.Option(help="Module name patterns to prune.")] = None,
     skip: Annotated[
         list[str] | None, typer.Option(help="Module or parameter name patterns to skip.")
@@ -113,8 +115,8 @@ def prune(
 
 def _prune_command(
     checkpoint, sparsity, method, pattern, target, shrink, update, scope, num_grads,
-    samples_per_grad, block_size, damp, relative_damp, recompute, recompute_by, layers, skip,
-    params,
+    samples_per_grad, block_size, damp, relative_damp, recompute, recompute_by, refresh, layers,
+    skip, params,
     seed, data_dir, out, device, quiet, json_out, lead,
 ) -> None:
     import copy
@@ -157,6 +159,7 @@ def _prune_command(
         **_damp_options(damp, relative_damp),
         recompute=_parse_recompute(recompute),
         recompute_by=recompute_by,
+        refresh=refresh,
         layers=layers or None,
         skip=skip or None,
         params=params or None,

@@ -20,7 +20,14 @@ from torch import Tensor, nn
 from woodfisher.batch import batch_len, call_model, default_loss, to_device
 from woodfisher.fisher.base import InverseCurvature, spd_inverse
 from woodfisher.fisher.blocks import check_damp
-from woodfisher.gradients import LossFn, _EvalMode, gradient_layout, iter_batches
+from woodfisher.gradients import (
+    LossFn,
+    _EvalMode,
+    gradient_layout,
+    iter_batches,
+    layer_out_grads,
+    layer_patches,
+)
 from woodfisher.params import Layout, weight_param
 
 # Above this many weights in one layer the dense (B, B) Kronecker block that the generic joint
@@ -28,42 +35,11 @@ from woodfisher.params import Layout, weight_param
 MAX_DENSE_LAYER = 4096
 
 
-def _patches(module: nn.Module, x: Tensor) -> Tensor:
-    """Inputs of ``module`` as (n, locations, features) in the weight's column order."""
-    if isinstance(module, nn.Linear):
-        return x.reshape(x.shape[0], -1, x.shape[-1])
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1 or isinstance(module.padding, str) or module.padding_mode != "zeros":
-            raise NotImplementedError(
-                "K-FAC supports Conv2d with groups=1, integer padding and padding_mode='zeros'; "
-                f"got {module}"
-            )
-        cols = nn.functional.unfold(
-            x, module.kernel_size, module.dilation, module.padding, module.stride
-        )
-        # A conv whose weight lives in another basis (woodfisher.frequency.DCTConv2d: DCT
-        # coefficients) maps the spatial patches into that basis, so A is its weight's factor.
-        to_basis = getattr(module, "patches_to_weight_basis", None)
-        if to_basis is not None:
-            cols = to_basis(cols)
-        return cols.transpose(1, 2)
-    raise NotImplementedError(
-        f"K-FAC supports Linear and Conv2d layers, got {type(module).__name__}"
-    )
-
-
 def _no_kfac(name: str, err: Exception) -> ValueError:
     return ValueError(
         f"K-FAC cannot model weight {name!r}: {err}. Use method='woodfisher' or 'diag-fisher' "
         f"(any weight), or leave it out with skip=[{name!r}]"
     )
-
-
-def _out_grads(module: nn.Module, g: Tensor) -> Tensor:
-    """Output gradients as (n, locations, out)."""
-    if isinstance(module, nn.Conv2d):
-        return g.flatten(2).transpose(1, 2)
-    return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
 class KFACInverse(InverseCurvature):
@@ -303,8 +279,8 @@ def kfac_factors(
                 grads = torch.autograd.grad(loss, [outputs[n] for n in names])
                 n_batch = batch_len(x)
                 for n, g in zip(names, grads, strict=True):
-                    a = _patches(modules[n].module, seen[n])  # (n, L, in)
-                    dl = _out_grads(modules[n].module, g) * n_batch  # per-sample δ, (n, L, out)
+                    a = layer_patches(modules[n].module, seen[n])  # (n, L, in)
+                    dl = layer_out_grads(modules[n].module, g) * n_batch  # per-sample δ
                     a2 = torch.einsum("nli,nlj->ij", a, a) / a.shape[1]
                     s2 = torch.einsum("nli,nlj->ij", dl, dl)
                     A[n] = a2 if A[n] is None else A[n] + a2

@@ -432,6 +432,7 @@ def prune(
     relative_damp: float | None = None,
     recompute: int | str = DEFAULTS["recompute"],
     recompute_by: str = DEFAULTS["recompute_by"],
+    refresh: float = DEFAULTS["refresh"],
     seed: int = 0,
     val_data: Iterable | None = None,
     taylor: Mapping[str, object] | None = None,
@@ -495,6 +496,12 @@ def prune(
             ``"resample"`` samples fresh gradients and rebuilds every inverse at each step
             (the paper's recomputation); ``"auto"`` downdates WoodFisher when ``block_size``
             is at most twice ``num_grads`` and resamples otherwise.
+        refresh: On the downdate path, re-estimate the Fisher (the same samples, at the
+            weights reached so far, over the kept weights only) before every step that starts
+            with at most this fraction of the weights the prune started with: 0 never, 1
+            before every step (see :func:`~woodfisher.pruning.downdate.refresh_steps`). A
+            refresh at fraction ``f`` costs ``f²`` of the first estimate, so late refreshes
+            are cheap, and they recover the accuracy of the paper's resampling.
         seed: Seed for gradient sampling; recorded in the result.
         val_data: Held-out batches for ``damp="auto"`` and for the Newton scale of
             ``"woodtaylor"``.
@@ -617,6 +624,9 @@ def prune(
                     f"layer_sparsity names unknown layer {name!r}; selected: {list(modules)}"
                 )
             check_sparsity(s, f"layer_sparsity[{name!r}]")
+    if (isinstance(refresh, bool) or not isinstance(refresh, (int, float))
+            or not 0.0 <= refresh <= 1.0):
+        raise ValueError(f"refresh must be a fraction in [0, 1], got {refresh!r}")
     options = {
         "loss_fn": loss_fn,
         "num_grads": num_grads,
@@ -628,6 +638,7 @@ def prune(
         "progress": progress,
         "taylor": taylor_opts,
         "downdate": use_downdate,
+        "refresh": refresh,
         "group": _group(use_downdate),
     }
     public = {
@@ -647,6 +658,7 @@ def prune(
         "relative_damp": relative_damp,
         "recompute": recompute,
         "recompute_by": recompute_by,
+        "refresh": refresh,
         "seed": seed,
         "schedule": DEFAULTS["schedule"],
         "pattern": str(pat),

@@ -41,13 +41,17 @@ def _local_rows(
     rows: int,
     bounds: Sequence[tuple[int, int]],
     options: Mapping,
+    columns: Tensor | None = None,
 ) -> Iterator[Tensor]:
-    """This rank's columns of every gradient chunk, in chunk order (all-to-all for P > 1)."""
+    """This rank's columns of every gradient chunk, in chunk order (all-to-all for P > 1).
+
+    ``columns`` (one process only) picks flat entries: each chunk is then ``G[:, columns]``.
+    """
     chunks = gradient_chunks(
         model, data, num_grads, rows=rows, loss_fn=options["loss_fn"],
         samples_per_grad=options["samples_per_grad"], params=modules, seed=options["seed"],
         which=lambda j: chunk_owner(j, group.world) == group.rank,
-        progress=options["progress"] and group.rank == 0,
+        progress=options["progress"] and group.rank == 0, columns=columns,
     )
     if not group.distributed:
         for _, _, G in chunks:
@@ -129,6 +133,33 @@ def select_sharded(
     return remove
 
 
+def refresh_steps(targets: Sequence[float], kept: float, below: float) -> set[int]:
+    """The steps that start from a fresh Fisher estimate.
+
+    Step ``k > 0`` re-estimates the Fisher at the weights reached so far when it starts with at
+    most ``below`` of the weights the prune started with (kept ``1 − targets[k−1]`` of all
+    against ``kept`` at the start). Such a refresh costs at most ``below²`` of the first
+    build's Gram flops and ``below³`` of its inversion, so late refreshes are cheap, and they
+    are the ones that pay: a one-time Fisher goes stale as the OBS updates move the weights.
+
+    Args:
+        targets: Sparsity after each step.
+        kept: Fraction of the weights present at the start.
+        below: The threshold; 0 never refreshes, 1 refreshes before every step but the first.
+
+    Returns:
+        The step numbers.
+
+    Example:
+        >>> sorted(refresh_steps([0.5, 0.75, 0.875, 0.9], 1.0, 0.25))
+        [2, 3]
+    """
+    return {
+        k for k in range(1, len(targets))
+        if 1.0 - targets[k - 1] <= below * kept + 1e-12
+    }
+
+
 def run_downdate(
     model: nn.Module,
     modules: dict[str, nn.Module],
@@ -175,25 +206,33 @@ def run_downdate(
     rows = chunk_rows(m, d, item, options.get("chunk_bytes") or CHUNK_BYTES)
     times = {"gradients": 0.0, "inverse": 0.0, "selection": 0.0, "update": 0.0}
 
-    t0 = time.perf_counter()
-    acc = GramAccumulator(units[u0:u1], dtype, device)
-    with group.phase_of("gradients"):
-        for part in _local_rows(group, model, data, modules, m, rows, bounds, options):
-            acc.add(part)
-    times["gradients"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    with group.phase_of("inverse"):
-        # The damp's scale from every block's diagonal, summed in block order on every rank.
+    def estimate(acc: GramAccumulator) -> tuple[GramAccumulator, float, float | None]:
+        """Gradients at the model's weights now, summed into ``acc``; with the damp."""
+        t0 = time.perf_counter()
+        # One process computes only the entries a compacted accumulator reads (for Linear
+        # weights that is the kept fraction of the work); ranks exchange whole columns.
+        picked = not group.distributed and any(p is not None for p in acc.positions)
+        columns = acc.columns() if picked else None
+        with group.phase_of("gradients"):
+            for part in _local_rows(group, model, data, modules, m, rows, bounds, options,
+                                    columns):
+                if picked:
+                    acc.add_columns(part)
+                else:
+                    acc.add(part)
+        times["gradients"] += time.perf_counter() - t0
+        # The damp's scale from every block's diagonal, summed in block order on every rank
+        # (removed weights have zero gradients: the mean over all d, as the paper's rebuild).
         sums = group.all_gather_cat(acc.diag_sums().to(device))
         scale = float(sums.sum()) / (m * d) if d else 0.0
         scale = scale if scale > 0 and scale == scale and scale != float("inf") else 1.0
-        rel = None
         if options["damp"] is None:
-            rel = options["relative_damp"]
-            damp = rel * scale
-        else:
-            damp = float(options["damp"])
+            return acc, options["relative_damp"] * scale, options["relative_damp"]
+        return acc, float(options["damp"]), None
+
+    acc, damp, rel = estimate(GramAccumulator(units[u0:u1], dtype, device))
+    t0 = time.perf_counter()
+    with group.phase_of("inverse"):
         inv = acc.finish(m, damp)
     times["inverse"] = time.perf_counter() - t0
 
@@ -201,8 +240,20 @@ def run_downdate(
     present = flat_masks(modules)[lo:hi].clone()
     w = torch.where(present, w, torch.zeros_like(w))
     inv.forget(present)  # weights pruned before: decoupled already; compact them away
+    kept = float(group.all_sum(present.sum().double().reshape(1))[0]) / d if d else 1.0
+    refresh = refresh_steps(targets, kept, options.get("refresh", 0.0))
     saliency_sum, predicted, steps = 0.0, 0.0, []
-    for target, overrides in zip(targets, per_layer, strict=True):
+    for k, (target, overrides) in enumerate(zip(targets, per_layer, strict=True)):
+        if k in refresh:
+            # A fresh Fisher at the weights reached so far (the same samples), over the kept
+            # rows and columns only: (kept/B)² of a first build's flops.
+            apply_masks(None, modules, compute_masks(modules, group.all_gather_cat(present)),
+                        layout.split(group.all_gather_cat(w)))
+            acc, damp, rel = estimate(inv.regram())
+            t0 = time.perf_counter()
+            with group.phase_of("inverse"):
+                inv.refresh(acc, m, damp)
+            times["inverse"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         with group.phase_of("selection"):
             scores = obs_saliency(w, inv.diag())
@@ -210,7 +261,11 @@ def run_downdate(
         times["selection"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         with group.phase_of("update"):
-            delta, value = inv.eliminate(remove, w, "independent" if update == "none" else update)
+            # The last step, and one before a refresh, need the update but not the downdate.
+            delta, value = inv.eliminate(
+                remove, w, "independent" if update == "none" else update,
+                downdate=k + 1 < len(targets) and k + 1 not in refresh,
+            )
             if update != "none":
                 w = w + delta
             present &= ~remove
@@ -249,4 +304,4 @@ def run_downdate(
     }
 
 
-__all__ = ["RECOMPUTE_BY", "downdate_applies", "run_downdate", "select_sharded"]
+__all__ = ["RECOMPUTE_BY", "downdate_applies", "refresh_steps", "run_downdate", "select_sharded"]
