@@ -455,8 +455,10 @@ class DenseBlockInverse(InverseCurvature):
             :meth:`refresh` puts the new inverse in place of this one's.
         """
         if self.stale:
-            # Nothing to carry over: keep exactly the rows still present (up to padding).
+            # Nothing to carry over: keep exactly the rows still present (up to padding), and
+            # free the old blocks before the new Grams take their place (peak memory).
             self._compact(tight=True)
+            self.inverses = []
         return GramAccumulator(self.units, self.dtype, self.device, self.positions)
 
     def _check_fresh(self) -> None:
