@@ -295,6 +295,12 @@ def test_refreshing_before_every_step_is_the_papers_resampling():
     ma, mb = select_modules(a), select_modules(b)
     assert torch.equal(flat_masks(ma), flat_masks(mb))
     torch.testing.assert_close(flat_weights(ma), flat_weights(mb), rtol=1e-8, atol=1e-10)
+    # From a pruned model: the first estimate is compacted at once (a factor, here).
+    prune(a, data, 0.9, num_grads=80, block_size=40, recompute=2, recompute_by="downdate",
+          refresh=1.0)
+    prune(b, data, 0.9, num_grads=80, block_size=40, recompute=2, recompute_by="resample")
+    assert torch.equal(flat_masks(ma), flat_masks(mb))
+    torch.testing.assert_close(flat_weights(ma), flat_weights(mb), rtol=1e-8, atol=1e-10)
     # Without the refresh the steps lean on the first Fisher: other masks.
     c = copy.deepcopy(model)
     prune(c, data, 0.8, num_grads=80, block_size=40, recompute=4, recompute_by="downdate",
@@ -314,8 +320,39 @@ def test_refresh_steps_follow_the_kept_fraction():
             prune(copy.deepcopy(model), data, 0.5, num_grads=32, block_size=32, refresh=bad)
 
 
+@pytest.mark.parametrize("rule", ["joint", "independent"])
+def test_the_factor_form_answers_like_the_explicit_inverse(case, rule):
+    # finish(factored=True) keeps X = L⁻¹ only; one step's scores and update from it equal
+    # the explicit inverse's, and a downdate first turns it into the explicit inverse.
+    G = _build(case)[0]
+    units = make_units(case["sizes"], case["block"], max_elements=200)
+    explicit, factor = GramAccumulator(units), GramAccumulator(units)
+    explicit.add(G)
+    factor.add(G)
+    H, X = explicit.finish(case["m"], 0.3), factor.finish(case["m"], 0.3, factored=True)
+    assert X.factored and not H.factored
+    torch.testing.assert_close(X.diag(), H.diag(), rtol=1e-9, atol=1e-11)
+    g = torch.Generator().manual_seed(31)
+    w = torch.randn(G.shape[1], generator=g, dtype=torch.float64)
+    remove = torch.rand(G.shape[1], generator=g) < 0.4
+    dh, vh = H.eliminate(remove, w, rule, downdate=False)
+    dx, vx = X.eliminate(remove, w, rule, downdate=False)
+    torch.testing.assert_close(dx, dh, rtol=1e-9, atol=1e-11)
+    assert vx == pytest.approx(vh, rel=1e-9)
+    again = GramAccumulator(units)
+    again.add(G)
+    X2 = again.finish(case["m"], 0.3, factored=True)
+    H2 = _build(case)[1]
+    d2, _ = X2.eliminate(remove, w, rule)  # with the downdate: explicit from here on
+    h2, _ = H2.eliminate(remove, w, rule)
+    assert not X2.factored
+    torch.testing.assert_close(d2, h2, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(X2.block(0), H2.block(0), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("factored", [False, True], ids=["explicit", "factor"])
 @pytest.mark.parametrize("picked", [False, True], ids=["full-rows", "picked-columns"])
-def test_a_refreshed_inverse_is_the_restricted_inverse_of_the_new_fisher(case, picked):
+def test_a_refreshed_inverse_is_the_restricted_inverse_of_the_new_fisher(case, picked, factored):
     G, inv, blocks = _build(case)
     d = G.shape[1]
     g = torch.Generator().manual_seed(21)
@@ -337,7 +374,8 @@ def test_a_refreshed_inverse_is_the_restricted_inverse_of_the_new_fisher(case, p
             acc.add_columns(part[:, cols])
         else:
             acc.add(part)
-    inv.refresh(acc, G2.shape[0], 0.5)
+    inv.refresh(acc, G2.shape[0], 0.5, factored=factored)
+    assert inv.factored == factored
     keep = (~remove).double()
     F2 = _dense(G2, 0.5, blocks)
     F_rest = F2 * keep[:, None] * keep[None, :] + torch.diag(0.5 * (1 - keep))

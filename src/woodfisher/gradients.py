@@ -314,13 +314,19 @@ def _outer_product_grads(
             dl = layer_out_grads(mod, g) * (n_batch / s)
             a = a.reshape(rows, -1, a.shape[-1])
             dl = dl.reshape(rows, -1, dl.shape[-1])
-            if pick is not None and a.shape[1] * pick.numel() * rows <= GATHER_ENTRIES:
+            few = pick is not None and 3 * pick.numel() <= modules[n].weight.numel()
+            if few and a.shape[1] * pick.numel() * rows <= GATHER_ENTRIES:
                 # Only the picked entries W[o, j]: Σ over samples/locations of δ_o a_j.
                 # Entries as rows of (features, ...) copies, which gather fast.
                 width = a.shape[-1]
                 dl_t, a_t = dl.permute(2, 0, 1).contiguous(), a.permute(2, 0, 1).contiguous()
                 part = dl_t.index_select(0, pick // width) * a_t.index_select(0, pick % width)
                 part = (part[:, :, 0] if part.shape[2] == 1 else part.sum(2)).T
+            elif pick is not None and a.shape[1] == 1:
+                # Most entries picked, one location: all products as (entries, rows) rows, then
+                # the picked rows (a contiguous gather).
+                full = dl[:, 0].T[:, None, :] * a[:, 0].T[None, :, :]  # (out, in, rows)
+                part = full.reshape(-1, rows).index_select(0, pick).T
             else:
                 part = torch.bmm(dl.mT, a).reshape(rows, -1)
                 if pick is not None:
@@ -430,8 +436,10 @@ def sample_gradients(
     if columns is None:
         out = torch.empty(num_grads, layout.d, dtype=dtype, device=device)
     else:
-        # Column-major: picked entries are computed as (entries, rows) and summed that way.
-        out = torch.empty(columns.numel(), num_grads, dtype=dtype, device=device).T
+        # Column-major (returned as its transpose): picked entries are computed as (entries,
+        # rows), written and summed that way.
+        out_t = torch.empty(columns.numel(), num_grads, dtype=dtype, device=device)
+        out = out_t.T
     stream, buffer = iter_batches(data), []
     done = 0
     bar = tqdm(total=num_grads, desc="gradients", file=sys.stderr, disable=not progress)
@@ -496,12 +504,13 @@ def sample_gradients(
                     at, local = place
                     if g.shape[1] != local.numel():  # vmap's full rows
                         g = g[:, local]
+                    g_t = g.T  # (entries, rows): contiguous from the outer-product path
                     if mask is not None:
-                        g = g * mask.reshape(-1)[local]
+                        g_t = g_t * mask.reshape(-1)[local][:, None]
                     if isinstance(at, slice):
-                        block[:, at].copy_(g)
+                        out_t[at, done:done + rows].copy_(g_t)
                     else:
-                        block.index_copy_(1, at, g.to(dtype))
+                        out_t[:, done:done + rows].index_copy_(0, at, g_t.to(dtype))
                     continue
                 dst = block[:, off:off + size]
                 if mask is not None:
@@ -509,7 +518,8 @@ def sample_gradients(
                 else:
                     dst.copy_(g)
             # NaN/Inf always reach the sum (one read, no bool copy); scan only then.
-            if not torch.isfinite(block.sum()) and not torch.isfinite(block).all():
+            total = block.sum() if columns is None else out_t[:, done:done + rows].sum()
+            if not torch.isfinite(total) and not torch.isfinite(block).all():
                 bad = done + int((~torch.isfinite(block)).any(dim=1).nonzero()[0])
                 raise ValueError(
                     f"gradient {bad} is not finite (NaN or Inf); check the loss and data"

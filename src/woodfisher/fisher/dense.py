@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from woodfisher.fisher.base import InverseCurvature
-from woodfisher.fisher.spd import spd_inverse
+from woodfisher.fisher.spd import cholesky, spd_inverse, tri_inverse
 
 #: A unit holds at most this many matrix entries (or one block, if a block is bigger): 4
 #: blocks of 500. A compacted unit is padded to its fullest block, so small units waste less
@@ -226,22 +226,27 @@ class GramAccumulator:
             [g.diagonal(dim1=1, dim2=2).double().sum(1) for g in self.grams]
         )
 
-    def finish(self, num_grads: int, damp: float) -> DenseBlockInverse:
-        """Turn the sums into the inverse blocks, in place (the Gram matrices are consumed).
+    def finish(self, num_grads: int, damp: float, factored: bool = False) -> DenseBlockInverse:
+        """Turn the sums into the inverse blocks (the Gram matrices are consumed).
 
         Args:
             num_grads: ``m``, the number of gradient rows summed over all processes.
             damp: The absolute damp ``λ > 0``.
+            factored: Keep ``X = L⁻¹`` (``F = LLᵀ``, ``F⁻¹ = XᵀX``) instead of ``F⁻¹``: a
+                third fewer flops, enough for scores and one step's update, not for a
+                downdate (see :meth:`DenseBlockInverse.eliminate`).
 
         Returns:
             The inverse.
         """
+        out = []
         for g in self.grams:
             g.div_(num_grads)
             g.diagonal(dim1=1, dim2=2).add_(damp)
-            spd_inverse(g, out=g)
-        inv = DenseBlockInverse(self.units, self.grams, damp, num_grads)
+            out.append(tri_inverse(cholesky(g)) if factored else spd_inverse(g, out=g))
+        inv = DenseBlockInverse(self.units, out, damp, num_grads)
         inv.positions = list(self.positions)
+        inv.factored = factored
         self.grams = []
         return inv
 
@@ -302,6 +307,8 @@ class DenseBlockInverse(InverseCurvature):
         self.hi = self.units[-1].stop if self.units else 0
         self.d = self.hi - self.lo
         self.stale = False
+        # True: ``inverses`` hold X = L⁻¹ with F⁻¹ = XᵀX (see GramAccumulator.finish).
+        self.factored = False
         first = inverses[0] if inverses else torch.zeros(0, dtype=torch.float64)
         self.dtype, self.device = first.dtype, first.device
         self.alive = [
@@ -325,10 +332,15 @@ class DenseBlockInverse(InverseCurvature):
             return torch.arange(u.size, device=self.device).expand(u.count, u.size)
         return pos
 
+    def _explicit(self, j: int) -> Tensor:
+        """Unit ``j``'s ``F⁻¹`` blocks at their (compacted) size."""
+        X = self.inverses[j]
+        return X.mT @ X if self.factored else X
+
     def _full(self, j: int) -> Tensor:
         """Unit ``j``'s inverse blocks at full size (count, B, B)."""
         self._check_fresh()
-        u, H, pos = self.units[j], self.inverses[j], self.positions[j]
+        u, H, pos = self.units[j], self._explicit(j), self.positions[j]
         if pos is None:
             return H
         r = H.shape[-1]
@@ -350,7 +362,9 @@ class DenseBlockInverse(InverseCurvature):
         out = torch.full((self.d,), 1 / self.damp, dtype=self.dtype, device=self.device)
         for j, (u, H) in enumerate(zip(self.units, self.inverses, strict=True)):
             view = out[self._local(u)].view(u.count, u.size)
-            view.scatter_(1, self._pos(j), H.diagonal(dim1=1, dim2=2))
+            # (XᵀX)_jj = Σ_i X_ij²: column sums of squares of the factor.
+            vals = H.square().sum(1) if self.factored else H.diagonal(dim1=1, dim2=2)
+            view.scatter_(1, self._pos(j), vals)
         return out
 
     def _matmat(self, V: Tensor) -> Tensor:
@@ -443,8 +457,11 @@ class DenseBlockInverse(InverseCurvature):
         if not self.stale:
             # H is symmetric: rows of the rows' transpose are its columns, and row selections
             # are contiguous copies (a column gather is element-wise, several times slower).
+            # A factor X is not symmetric, but removed weights are decoupled in it too, so
+            # X[R, R] is the factor of F_RR: the same two selections, transposed back.
             rows = _select_rows(self.inverses[j], order)  # (k, t, r)
-            self.inverses[j] = _select_rows(rows.mT.contiguous(), order)
+            both = _select_rows(rows.mT.contiguous(), order)
+            self.inverses[j] = both.mT.contiguous() if self.factored else both
         self.positions[j] = torch.gather(pos, 1, order)
 
     def regram(self) -> GramAccumulator:
@@ -468,7 +485,9 @@ class DenseBlockInverse(InverseCurvature):
                 "refresh() it with a new Fisher estimate first"
             )
 
-    def refresh(self, acc: GramAccumulator, num_grads: int, damp: float) -> None:
+    def refresh(
+        self, acc: GramAccumulator, num_grads: int, damp: float, factored: bool = False
+    ) -> None:
         """Replace the inverse by the one of a new Fisher estimate (same kept weights).
 
         Removed weights must have zero gradients in the new estimate (masked weights do), so
@@ -478,10 +497,11 @@ class DenseBlockInverse(InverseCurvature):
             acc: Sums from :meth:`regram`, over all ``num_grads`` new gradient rows.
             num_grads: ``m`` of the new estimate.
             damp: Its absolute damp.
+            factored: Keep the factor only (for one step without a downdate).
         """
-        new = acc.finish(num_grads, damp)
+        new = acc.finish(num_grads, damp, factored)
         self.inverses, self.damp, self.num_grads = new.inverses, new.damp, new.num_grads
-        self.stale = False
+        self.stale, self.factored = False, factored
 
     def eliminate(
         self, remove: Tensor, w: Tensor, rule: str = "joint", downdate: bool = True
@@ -517,6 +537,9 @@ class DenseBlockInverse(InverseCurvature):
                 raise ValueError(f"{name} must have shape ({self.d},), got {tuple(t.shape)}")
         remove = remove.to(device=self.device, dtype=torch.bool)
         w = w.to(device=self.device, dtype=self.dtype)
+        if self.factored and downdate:
+            self.inverses = [X.mT @ X for X in self.inverses]  # a downdate needs F⁻¹ itself
+            self.factored = False
         delta = torch.zeros_like(w)
         value = torch.zeros((), dtype=torch.float64, device=self.device)
         counts = [remove[self._local(u)].reshape(u.count, u.size).sum(1) for u in self.units]
@@ -530,7 +553,8 @@ class DenseBlockInverse(InverseCurvature):
             pos = self._pos(j)
             r = self.inverses[j].shape[-1]
             d_c = torch.zeros(u.count, r, dtype=self.dtype, device=self.device)
-            value += self._eliminate_unit(
+            step = self._eliminate_factored if self.factored else self._eliminate_unit
+            value += step(
                 self.inverses[j], min(_padded(int(top)), r), torch.gather(q, 1, pos),
                 torch.gather(w[sl].reshape(u.count, u.size), 1, pos), cnt, d_c, rule, downdate,
             )
@@ -539,6 +563,36 @@ class DenseBlockInverse(InverseCurvature):
         self.stale = not downdate
         self._compact()
         return delta, float(value)
+
+    def _eliminate_factored(
+        self,
+        X: Tensor,
+        p: int,
+        q: Tensor,
+        w: Tensor,
+        cnt: Tensor,
+        delta: Tensor,
+        rule: str,
+        downdate: bool = False,
+    ) -> Tensor:
+        """One unit's OBS step from the factor ``X`` (``H = XᵀX``), without a downdate.
+
+        ``H_{:,Q} y = Xᵀ (X_{:,Q} y)``: with the columns ``X_{:,Q}`` the step costs
+        ``2Bp² + p³/3 + 4B²`` flops per block, not the ``2B²p`` of forming ``H_{:,Q}``.
+        """
+        k, size = X.shape[0], X.shape[-1]
+        idx = torch.argsort((~q).to(torch.uint8), dim=1, stable=True)[:, :p]  # (k, p)
+        valid = torch.arange(p, device=self.device) < cnt[:, None]  # (k, p)
+        XQ = torch.gather(X, 2, idx[:, None, :].expand(k, size, p)) * valid[:, None, :]
+        M = XQ.mT @ XQ  # H_QQ
+        M.diagonal(dim1=1, dim2=2).add_((~valid).to(M.dtype))  # identity on the padding
+        wq = torch.gather(w, 1, idx) * valid
+        if rule == "joint":
+            y = torch.cholesky_solve(wq.unsqueeze(-1), cholesky(M)).squeeze(-1)
+        else:
+            y = wq / M.diagonal(dim1=1, dim2=2)
+        delta.copy_(-(X.mT @ (XQ @ y.unsqueeze(-1))).squeeze(-1))
+        return 0.5 * (wq * y).sum(dtype=torch.float64)
 
     def _eliminate_unit(
         self,

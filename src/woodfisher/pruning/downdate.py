@@ -230,18 +230,23 @@ def run_downdate(
             return acc, options["relative_damp"] * scale, options["relative_damp"]
         return acc, float(options["damp"]), None
 
-    acc, damp, rel = estimate(GramAccumulator(units[u0:u1], dtype, device))
-    t0 = time.perf_counter()
-    with group.phase_of("inverse"):
-        inv = acc.finish(m, damp)
-    times["inverse"] = time.perf_counter() - t0
-
     w = flat_weights(modules)[lo:hi].to(dtype).clone()
     present = flat_masks(modules)[lo:hi].clone()
     w = torch.where(present, w, torch.zeros_like(w))
-    inv.forget(present)  # weights pruned before: decoupled already; compact them away
     kept = float(group.all_sum(present.sum().double().reshape(1))[0]) / d if d else 1.0
     refresh = refresh_steps(targets, kept, options.get("refresh", 0.0))
+
+    def factored(k: int) -> bool:
+        # An estimate that step k uses without downdating it (the next step refreshes, or
+        # k is the last) keeps only its Cholesky factor's inverse: a third fewer flops.
+        return k + 1 in refresh or k + 1 == len(targets)
+
+    acc, damp, rel = estimate(GramAccumulator(units[u0:u1], dtype, device))
+    t0 = time.perf_counter()
+    with group.phase_of("inverse"):
+        inv = acc.finish(m, damp, factored(0))
+    times["inverse"] = time.perf_counter() - t0
+    inv.forget(present)  # weights pruned before: decoupled already; compact them away
     saliency_sum, predicted, steps = 0.0, 0.0, []
     for k, (target, overrides) in enumerate(zip(targets, per_layer, strict=True)):
         if k in refresh:
@@ -252,7 +257,7 @@ def run_downdate(
             acc, damp, rel = estimate(inv.regram())
             t0 = time.perf_counter()
             with group.phase_of("inverse"):
-                inv.refresh(acc, m, damp)
+                inv.refresh(acc, m, damp, factored(k))
             times["inverse"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         with group.phase_of("selection"):
