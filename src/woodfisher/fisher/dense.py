@@ -240,14 +240,20 @@ class GramAccumulator:
             The inverse.
         """
         out = []
-        for g in self.grams:
+        grams, self.grams = self.grams, []
+        while grams:
+            g = grams.pop(0)  # each Gram is freed once its block is inverted (peak memory)
             g.div_(num_grads)
             g.diagonal(dim1=1, dim2=2).add_(damp)
-            out.append(tri_inverse(cholesky(g)) if factored else spd_inverse(g, out=g))
+            if factored:
+                L = cholesky(g)
+                del g
+                out.append(tri_inverse(L))
+            else:
+                out.append(spd_inverse(g, out=g))
         inv = DenseBlockInverse(self.units, out, damp, num_grads)
         inv.positions = list(self.positions)
         inv.factored = factored
-        self.grams = []
         return inv
 
 
