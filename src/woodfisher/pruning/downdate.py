@@ -16,6 +16,7 @@ the single-process masks; every rank ends with the whole pruned model.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
@@ -45,7 +46,8 @@ def _local_rows(
 ) -> Iterator[Tensor]:
     """This rank's columns of every gradient chunk, in chunk order (all-to-all for P > 1).
 
-    ``columns`` (one process only) picks flat entries: each chunk is then ``G[:, columns]``.
+    ``columns`` picks flat entries: each chunk is then ``G[:, columns]``, and ``bounds`` are
+    the ranks' shares of those columns.
     """
     chunks = gradient_chunks(
         model, data, num_grads, rows=rows, loss_fn=options["loss_fn"],
@@ -209,12 +211,20 @@ def run_downdate(
     def estimate(acc: GramAccumulator) -> tuple[GramAccumulator, float, float | None]:
         """Gradients at the model's weights now, summed into ``acc``; with the damp."""
         t0 = time.perf_counter()
-        # One process computes only the entries a compacted accumulator reads (for Linear
-        # weights that is the kept fraction of the work); ranks exchange whole columns.
-        picked = not group.distributed and any(p is not None for p in acc.positions)
-        columns = acc.columns() if picked else None
+        # Only the entries compacted accumulators read are computed (for Linear weights that
+        # is the kept fraction of the work) and exchanged: every rank's picks, in rank order,
+        # which is unit order, so each rank's share is one contiguous run of the columns.
+        mine = any(p is not None for p in acc.positions)
+        picked = bool(group.all_sum(torch.tensor([float(mine)], device=device))[0] > 0)
+        columns, shares = None, bounds
+        if picked:
+            local = acc.columns() + lo
+            columns = group.all_gather_cat(local)
+            counts = [c[0] for c in group.all_gather_ints([local.numel()])]
+            ends = list(itertools.accumulate(counts))
+            shares = [(e - c, e) for c, e in zip(counts, ends, strict=True)]
         with group.phase_of("gradients"):
-            for part in _local_rows(group, model, data, modules, m, rows, bounds, options,
+            for part in _local_rows(group, model, data, modules, m, rows, shares, options,
                                     columns):
                 if picked:
                     acc.add_columns(part)
