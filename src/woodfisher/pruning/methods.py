@@ -52,9 +52,9 @@ DEFAULTS: dict[str, object] = {
     "recompute_by": "auto",
     # Downdate path: re-estimate the Fisher before each step that starts with at most this
     # fraction of the weights (0: never, 1: every step, the paper's recomputation done over
-    # the kept weights only). 1: on MLPNet at 90 % (m = 1000) 0.4 matched resampling on a
-    # validation split, but on the small digits MLP it lost 6.8 points where 1 did not
-    # (docs/scale.md), so the default keeps the paper's accuracy and 0.4 is the faster knob.
+    # the kept weights only). 1: on MLPNet at 90 % (m = 1000) 0.3-0.4 matched resampling on
+    # a validation split, but on the small digits MLP they lost 4-7 points where 1 did not
+    # (docs/scale.md), so the default keeps the paper's accuracy and 0.3-0.4 is a faster knob.
     "refresh": 1.0,
     # Recomputation schedule: "geometric" (the same fraction of the remaining weights per
     # step: at 95 % with 8 steps 79.8 % accuracy against 68.4 % for cubic), "cubic" (Zhu &
