@@ -265,6 +265,21 @@ def _outer_product_ready(modules: dict[str, Target]) -> bool:
 GATHER_ENTRIES = 1 << 25
 
 
+@contextlib.contextmanager
+def _requiring_grad(modules: dict[str, Target]) -> Iterator[list[Tensor]]:
+    """The selected weights' parameters, made to require grad (frozen ones too) meanwhile."""
+    params = [weight_param(t) for t in modules.values()]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            yield params
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+
+
 def _outer_product_grads(
     model: nn.Module, modules: dict[str, Target], x: Inputs, y: Tensor, loss_fn: LossFn,
     rows: int, s: int, picks: Sequence[Tensor | None] | None = None,
@@ -285,20 +300,14 @@ def _outer_product_grads(
         return fn
 
     handles = [t.module.register_forward_hook(hook(n)) for n, t in modules.items()]
-    params = [weight_param(t) for t in modules.values()]
-    flags = [p.requires_grad for p in params]
     try:
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
+        with _requiring_grad(modules):
             loss = loss_fn(call_model(model, x), y)
             outs = [out for n in names for _, out in seen[n]]
             grads = iter(torch.autograd.grad(loss, outs, allow_unused=True))
     finally:
         for h in handles:
             h.remove()
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
     n_batch = rows * s
     result = []
     for i, n in enumerate(names):
@@ -536,17 +545,8 @@ def _matches_autograd(
 ) -> bool:
     """Whether one row's outer-product gradient equals autograd's on its samples alone (a sum
     loss, samples that interact, or a layer called in a way the outer product misses fail)."""
-    params = [weight_param(t) for t in modules.values()]
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            ref = torch.autograd.grad(loss_fn(call_model(model, x), y), params,
-                                      allow_unused=True)
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
+    with _requiring_grad(modules) as params:
+        ref = torch.autograd.grad(loss_fn(call_model(model, x), y), params, allow_unused=True)
     for i, (got, want, mask) in enumerate(zip(rows, ref, masks, strict=True)):
         if picks is not None:
             want = None if want is None else want.reshape(-1)[picks[i]]

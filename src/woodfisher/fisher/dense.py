@@ -203,13 +203,8 @@ class GramAccumulator:
         c, off = rows.shape[0], 0
         for gram in self.grams:
             k, r = gram.shape[0], gram.shape[-1]
-            Xt = cols[off:off + k * r].reshape(k, r, c)  # (count, r, c): Xᵀ per block
-            if r < 256:
-                gram.baddbmm_(Xt, Xt.mT)
-            else:
-                h = r // 2
-                gram[:, :, :h].baddbmm_(Xt, Xt[:, :h].mT)
-                gram[:, h:, h:].baddbmm_(Xt[:, h:], Xt[:, h:].mT)
+            # (count, r, c) is Xᵀ per block, contiguous: X is its transposed view.
+            _accumulate(gram, cols[off:off + k * r].reshape(k, r, c).mT)
             off += k * r
         self.rows += c
 
@@ -255,6 +250,17 @@ class GramAccumulator:
         inv.positions = list(self.positions)
         inv.factored = factored
         return inv
+
+
+def _removed_first(q: Tensor, cnt: Tensor, p: int) -> tuple[Tensor, Tensor]:
+    """Per block, ``p`` positions: the removed ones first (stable), then kept ones as padding.
+
+    Returns:
+        ``(idx, valid)``, both (k, p): the positions and which of them are removed ones.
+    """
+    idx = torch.argsort((~q).to(torch.uint8), dim=1, stable=True)[:, :p]
+    valid = torch.arange(p, device=q.device) < cnt[:, None]
+    return idx, valid
 
 
 def _accumulate(gram: Tensor, X: Tensor) -> None:
@@ -587,8 +593,7 @@ class DenseBlockInverse(InverseCurvature):
         ``2Bp² + p³/3 + 4B²`` flops per block, not the ``2B²p`` of forming ``H_{:,Q}``.
         """
         k, size = X.shape[0], X.shape[-1]
-        idx = torch.argsort((~q).to(torch.uint8), dim=1, stable=True)[:, :p]  # (k, p)
-        valid = torch.arange(p, device=self.device) < cnt[:, None]  # (k, p)
+        idx, valid = _removed_first(q, cnt, p)
         XQ = torch.gather(X, 2, idx[:, None, :].expand(k, size, p)) * valid[:, None, :]
         M = XQ.mT @ XQ  # H_QQ
         M.diagonal(dim1=1, dim2=2).add_((~valid).to(M.dtype))  # identity on the padding
@@ -619,9 +624,7 @@ class DenseBlockInverse(InverseCurvature):
         ``H`` is symmetric, so ``H_{:,Q}`` is read as the rows ``H_{Q,:}`` (contiguous).
         """
         k = H.shape[0]
-        # The removed positions first (stable sort), then kept ones as padding.
-        idx = torch.argsort((~q).to(torch.uint8), dim=1, stable=True)[:, :p]  # (k, p)
-        valid = torch.arange(p, device=self.device) < cnt[:, None]  # (k, p)
+        idx, valid = _removed_first(q, cnt, p)
         rows = _select_rows(H, idx) * valid[:, :, None]  # H_{Q,:}, (k, p, B)
         M = torch.gather(rows, 2, idx[:, None, :].expand(k, p, p))
         M.diagonal(dim1=1, dim2=2).add_((~valid).to(M.dtype))  # identity on the padding
