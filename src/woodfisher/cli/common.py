@@ -236,8 +236,8 @@ RECOMPUTE_BY_HELP = (
 )
 REFRESH_HELP = (
     "Downdate path: re-estimate the Fisher at the current weights before each step that "
-    "starts with at most this fraction of the weights (0 never, 1 every step); late refreshes "
-    "cost little and recover the paper's accuracy."
+    "starts with at most this fraction of the weights (0 never; 1, the default, every step: "
+    "the paper's recomputation). Fewer refreshes are faster; check the accuracy."
 )
 RECOMPUTE_HELP = (
     "Steps to reach the target with fresh curvature between them, or 'auto' (no "

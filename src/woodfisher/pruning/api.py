@@ -499,9 +499,10 @@ def prune(
         refresh: On the downdate path, re-estimate the Fisher (the same samples, at the
             weights reached so far, over the kept weights only) before every step that starts
             with at most this fraction of the weights the prune started with: 0 never, 1
-            before every step (see :func:`~woodfisher.pruning.downdate.refresh_steps`). A
-            refresh at fraction ``f`` costs ``f²`` of the first estimate, so late refreshes
-            are cheap, and they recover the accuracy of the paper's resampling.
+            before every step, the default, which computes the paper's resampling (see
+            :func:`~woodfisher.pruning.downdate.refresh_steps`). A refresh at fraction ``f``
+            costs ``f²`` of the first estimate; fewer refreshes are faster, and whether they
+            keep the accuracy depends on the model (docs/scale.md).
         seed: Seed for gradient sampling; recorded in the result.
         val_data: Held-out batches for ``damp="auto"`` and for the Newton scale of
             ``"woodtaylor"``.

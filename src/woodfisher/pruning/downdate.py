@@ -1,12 +1,14 @@
-"""The fast default path of WoodFisher pruning: one Fisher, downdated through every step.
+"""The default path of WoodFisher pruning: block inverses from streamed Grams, refreshed over
+the kept weights and downdated in between.
 
 ``prune()`` reaches a sparsity in several steps (``recompute``). The paper's recomputation
 resamples the gradients and rebuilds every block inverse at each step. Here the gradients are
-sampled once, streamed into each block's Gram matrix (never held whole), the blocks are
-inverted once at matmul speed, and each step removes its weights from the inverse by a Schur
-complement (:class:`woodfisher.fisher.dense.DenseBlockInverse`), which is also where the exact
-joint OBS update comes from. A step then costs ``2B²|Q|`` flops for the ``|Q|`` weights it
-removes, so more steps cost almost nothing.
+streamed into each block's Gram matrix (never held whole) and the blocks are inverted at matmul
+speed. Before the steps that :func:`refresh_steps` names (by default every step, which is the
+paper's recomputation) the Fisher is re-estimated at the weights reached so far, over the kept
+weights only; a step that is not followed by a refresh removes its weights from the inverse by
+a Schur complement (:class:`woodfisher.fisher.dense.DenseBlockInverse`), which is also where
+the exact joint OBS update comes from, at ``2B²|Q|`` flops for the ``|Q|`` weights it removes.
 
 The same code runs on one process and on ``P`` (:class:`woodfisher.distributed.Group`): each
 rank owns a contiguous range of blocks, receives the gradient columns of its blocks, inverts,
@@ -141,8 +143,9 @@ def refresh_steps(targets: Sequence[float], kept: float, below: float) -> set[in
     Step ``k > 0`` re-estimates the Fisher at the weights reached so far when it starts with at
     most ``below`` of the weights the prune started with (kept ``1 − targets[k−1]`` of all
     against ``kept`` at the start). Such a refresh costs at most ``below²`` of the first
-    build's Gram flops and ``below³`` of its inversion, so late refreshes are cheap, and they
-    are the ones that pay: a one-time Fisher goes stale as the OBS updates move the weights.
+    build's Gram flops and ``below³`` of its inversion, so late refreshes are cheap. A one-time
+    Fisher goes stale as the OBS updates move the weights; how much that costs depends on the
+    model (docs/scale.md), hence the default of 1.
 
     Args:
         targets: Sparsity after each step.
@@ -208,8 +211,9 @@ def run_downdate(
     rows = chunk_rows(m, d, item, options.get("chunk_bytes") or CHUNK_BYTES)
     times = {"gradients": 0.0, "inverse": 0.0, "selection": 0.0, "update": 0.0}
 
-    def estimate(acc: GramAccumulator) -> tuple[GramAccumulator, float, float | None]:
-        """Gradients at the model's weights now, summed into ``acc``; with the damp."""
+    def estimate(acc: GramAccumulator) -> tuple[float, float | None]:
+        """Sum the gradients at the model's weights now into ``acc``; return the absolute
+        and the relative damp."""
         t0 = time.perf_counter()
         # Only the entries compacted accumulators read are computed (for Linear weights that
         # is the kept fraction of the work) and exchanged: every rank's picks, in rank order,
@@ -237,8 +241,8 @@ def run_downdate(
         scale = float(sums.sum()) / (m * d) if d else 0.0
         scale = scale if scale > 0 and scale == scale and scale != float("inf") else 1.0
         if options["damp"] is None:
-            return acc, options["relative_damp"] * scale, options["relative_damp"]
-        return acc, float(options["damp"]), None
+            return options["relative_damp"] * scale, options["relative_damp"]
+        return float(options["damp"]), None
 
     w = flat_weights(modules)[lo:hi].to(dtype).clone()
     present = flat_masks(modules)[lo:hi].clone()
@@ -247,11 +251,12 @@ def run_downdate(
     refresh = refresh_steps(targets, kept, options.get("refresh", 0.0))
 
     def factored(k: int) -> bool:
-        # An estimate that step k uses without downdating it (the next step refreshes, or
-        # k is the last) keeps only its Cholesky factor's inverse: a third fewer flops.
+        # Step k needs no downdate when the next step refreshes or k is the last; the estimate
+        # it uses then keeps only its Cholesky factor's inverse: a third fewer flops.
         return k + 1 in refresh or k + 1 == len(targets)
 
-    acc, damp, rel = estimate(GramAccumulator(units[u0:u1], dtype, device))
+    acc = GramAccumulator(units[u0:u1], dtype, device)
+    damp, rel = estimate(acc)
     t0 = time.perf_counter()
     with group.phase_of("inverse"):
         inv = acc.finish(m, damp, factored(0))
@@ -264,7 +269,8 @@ def run_downdate(
             # rows and columns only: (kept/B)² of a first build's flops.
             apply_masks(None, modules, compute_masks(modules, group.all_gather_cat(present)),
                         layout.split(group.all_gather_cat(w)))
-            acc, damp, rel = estimate(inv.regram())
+            acc = inv.regram()
+            damp, rel = estimate(acc)
             t0 = time.perf_counter()
             with group.phase_of("inverse"):
                 inv.refresh(acc, m, damp, factored(k))
@@ -279,7 +285,7 @@ def run_downdate(
             # The last step, and one before a refresh, need the update but not the downdate.
             delta, value = inv.eliminate(
                 remove, w, "independent" if update == "none" else update,
-                downdate=k + 1 < len(targets) and k + 1 not in refresh,
+                downdate=not factored(k),
             )
             if update != "none":
                 w = w + delta

@@ -45,8 +45,8 @@ DEFAULTS: dict[str, object] = {
     "recompute": "auto",
     "max_step_removed": 0.25,
     # How the steps get their curvature: "resample" (fresh gradients and inverses, the paper's
-    # recomputation), "downdate" (one Fisher, Schur-downdated through the steps, refreshed
-    # late; see "refresh") or "auto" (downdate when block_size <= 2 num_grads); see
+    # recomputation), "downdate" (Schur-downdated block inverses, re-estimated as "refresh"
+    # says) or "auto" (downdate when block_size <= 2 num_grads); see
     # woodfisher.pruning.downdate. Auto is the default since issue 13: as accurate as
     # resample and several times faster and leaner (docs/scale.md).
     "recompute_by": "auto",
